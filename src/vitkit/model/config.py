@@ -1,0 +1,205 @@
+"""One config dataclass and one table of named variants.
+
+Names are decoded the way big_vision does it: ``"S/16"`` is the S width table entry with 16-pixel
+patches; ``"B/16@384"`` adds the input resolution. timm's names (``vit_base_patch16_384``) are
+accepted as aliases and decode to the same thing, so a user can copy a name from either world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# Width, depth, heads and MLP width of each model size. Ti and S come from DeiT/AugReg,
+# B, L and H from the ViT paper (Table 1).
+SIZES: dict[str, dict[str, int]] = {
+    "Ti": dict(embed_dim=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "M": dict(embed_dim=512, depth=12, num_heads=8, mlp_dim=2048),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+# timm spells the sizes out; these map its words to the table above.
+TIMM_SIZE_WORDS = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H"}
+
+# Small-image presets for 32x32 data (CIFAR): shallow, patch 4 (64 tokens) unless noted.
+SMALL_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar-mini": dict(embed_dim=128, depth=6, num_heads=4, patch_size=4),
+    "cifar-tiny": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4),
+    "cifar-small": dict(embed_dim=384, depth=6, num_heads=6, patch_size=4),
+    "cifar-tiny-p2": dict(embed_dim=192, depth=6, num_heads=3, patch_size=2),
+}
+
+# Names shown by list_models(): the paper's grid, the timm aliases people actually use, and presets.
+_LISTED_PAPER = ["Ti/16", "S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14", "B/8", "S/8"]
+_LISTED_TIMM = [
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch32_224", "vit_small_patch32_384",
+    "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch8_224",
+    "vit_base_patch32_224", "vit_base_patch32_384", "vit_base_patch16_224", "vit_base_patch16_384",
+    "vit_base_patch8_224", "vit_large_patch32_224", "vit_large_patch32_384",
+    "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch14_224", "vit_huge_patch14_224",
+]
+
+_PAPER_NAME = re.compile(r"^(?P<size>Ti|S|M|B|L|H)/(?P<patch>\d+)(?:@(?P<res>\d+))?$")
+_TIMM_NAME = re.compile(r"^vit_(?P<size>tiny|small|medium|base|large|huge)_patch(?P<patch>\d+)_(?P<res>\d+)$")
+
+
+@dataclass
+class ViTConfig:
+    """Everything that decides a VisionTransformer's shape and behaviour.
+
+    Keyword names follow timm's VisionTransformer where timm has one, so code and habits carry over.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: str = "token"  # "token": the class token feeds the head; "avg": mean of patch tokens
+    pos_embed: str = "learn"  # "learn": learned (the paper); "sincos": fixed 2-D sine-cosine
+    drop_rate: float = 0.0  # the paper's dropout: after the position embedding, attention proj, MLP
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly with depth to this value
+    layer_norm_eps: float = 1e-6
+    gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
+    name: str = field(default="", compare=False)  # the variant it was decoded from, for display
+
+    def __post_init__(self) -> None:
+        _check_positive_int("img_size", self.img_size)
+        _check_positive_int("patch_size", self.patch_size)
+        _check_positive_int("in_chans", self.in_chans)
+        _check_positive_int("embed_dim", self.embed_dim)
+        _check_positive_int("depth", self.depth)
+        _check_positive_int("num_heads", self.num_heads)
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes={self.num_classes!r}: must be an integer >= 0 (0 = no head)")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}; "
+                f"use an img_size that is a multiple of {self.patch_size}, e.g. "
+                f"{(self.img_size // self.patch_size) * self.patch_size or self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            valid = [h for h in range(1, min(self.embed_dim, 64) + 1) if self.embed_dim % h == 0]
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide embed_dim={self.embed_dim}; "
+                f"valid head counts include {valid}"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio}: must be > 0")
+        _check_choice("global_pool", self.global_pool, ("token", "avg"))
+        _check_choice("pos_embed", self.pos_embed, ("learn", "sincos"))
+        _check_choice("gelu", self.gelu, ("exact", "tanh"))
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{key}={value}: must be in [0, 1)")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps}: must be > 0")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along each side of the image."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def replace(self, **overrides: Any) -> ViTConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key}={value!r}: must be a positive integer")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: must be one of {list(choices)}")
+
+
+def _size_fields(size: str) -> dict[str, Any]:
+    spec = SIZES[size]
+    return dict(
+        embed_dim=spec["embed_dim"],
+        depth=spec["depth"],
+        num_heads=spec["num_heads"],
+        mlp_ratio=spec["mlp_dim"] / spec["embed_dim"],
+    )
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_config` that are worth listing (any S/16@R form also works)."""
+    return _LISTED_PAPER + _LISTED_TIMM + list(SMALL_IMAGE_PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """Decode a variant name ("S/16", "B/16@384", "vit_base_patch16_384", "cifar-tiny") into a config.
+
+    ``overrides`` take timm's keyword names (``num_classes``, ``img_size``, ``depth``...), so
+    ``get_config("S/16", img_size=384, num_classes=10)`` is a fine-tuning shape.
+    """
+    fields: dict[str, Any]
+    if m := _PAPER_NAME.match(name):
+        fields = _size_fields(m["size"]) | dict(patch_size=int(m["patch"]))
+        if m["res"]:
+            fields["img_size"] = int(m["res"])
+    elif m := _TIMM_NAME.match(name):
+        size = TIMM_SIZE_WORDS[m["size"]]
+        fields = _size_fields(size) | dict(patch_size=int(m["patch"]), img_size=int(m["res"]))
+    elif name in SMALL_IMAGE_PRESETS:
+        fields = dict(SMALL_IMAGE_PRESETS[name], img_size=32, num_classes=10, mlp_ratio=4.0)
+    else:
+        close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "."
+        raise ValueError(
+            f"unknown model name {name!r}{hint} Names look like 'S/16', 'B/16@384', "
+            f"'vit_base_patch16_224' or a preset ({', '.join(SMALL_IMAGE_PRESETS)}); "
+            "`vitkit models` lists them."
+        )
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid options: {sorted(known - {'name'})}")
+    fields.update(overrides)
+    fields["name"] = name
+    return ViTConfig(**fields)

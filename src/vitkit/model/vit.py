@@ -1,0 +1,358 @@
+"""The Vision Transformer of Dosovitskiy et al. (2021), built from its named parts.
+
+image (B, C, H, W)
+  -> PatchEmbed: strided convolution, one token per patch          (B, N, D)
+  -> prepend the class token, add position embeddings               (B, 1 + N, D)
+  -> depth x Block: x + Attention(LN(x)); x + Mlp(LN(x))           (B, 1 + N, D)
+  -> final LayerNorm, take the class token (or average patches)     (B, D)
+  -> Linear head                                                    (B, num_classes)
+
+Parameter names equal timm's VisionTransformer (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.attn.qkv``, ...), so a timm state dict of the same configuration loads with strict=True.
+This module imports nothing else of vitkit's but its config: checkpoint formats live in
+``vitkit.weights``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.model.config import ViTConfig
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "VisionTransformer",
+    "resample_pos_embed",
+    "sincos_pos_embed_2d",
+]
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each linearly: a strided convolution.
+
+    A conv with kernel = stride = patch size is exactly the paper's "flatten each P x P x C patch
+    and multiply by E", done without materialising the patches.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(
+                f"expected images of shape (batch, {self.in_chans}, {self.img_size}, {self.img_size}), "
+                f"got {tuple(x.shape)}; resize the input, or call model.set_input_size(...) "
+                f"for another resolution (a multiple of the patch size {self.patch_size})"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (timm's layout: q, k, v stacked)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # each (B, heads, N, head_dim)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, N, _ = x.shape
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        # The fused kernel (flash / memory-efficient on CUDA, flash on CPU) never stores the N x N map.
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self._merge(x)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function computed explicitly, also returning the (B, heads, N, N) weights."""
+        q, k, v = self._qkv(x)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.attn_drop(attn) @ v
+        return self._merge(out), attn
+
+
+class Mlp(nn.Module):
+    """The block's two-layer perceptron: Linear -> GELU -> Linear, with the paper's dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, gelu: str, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch, scaling the survivors by 1/keep."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Block(nn.Module):
+    """A pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, cfg.mlp_dim, cfg.gelu, cfg.drop_rate)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, attn = self.attn.forward_with_attention(self.norm1(x))
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x))), attn
+
+
+def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings, (grid*grid, dim), in row-major patch order.
+
+    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x), as in MoCo v3 / big_vision.
+    """
+    if dim % 4:
+        raise ValueError(f"embed_dim={dim}: the 2-D sin-cos embedding needs a multiple of 4")
+    y, x = torch.meshgrid(torch.arange(grid_size, dtype=torch.float32),
+                          torch.arange(grid_size, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    y = y.flatten()[:, None] * omega[None, :]
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resample (1, prefix + g*g, D) position embeddings to a new_grid x new_grid grid.
+
+    The class slot (prefix tokens) is kept as is: it has no position. This is how the paper
+    fine-tunes at higher resolution (Section 3.2, "2D interpolation of the pre-trained position
+    embeddings").
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = math.isqrt(grid.shape[1])
+    if old_grid * old_grid != grid.shape[1]:
+        raise ValueError(f"position embeddings hold {grid.shape[1]} patch positions, not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    dtype = grid.dtype
+    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT from a :class:`ViTConfig`. Methods follow timm: forward_features, forward_head, ..."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.num_classes = cfg.num_classes
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.global_pool = cfg.global_pool
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
+        num_pos = cfg.num_patches + cfg.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, cfg.embed_dim), requires_grad=cfg.pos_embed == "learn")
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.Sequential(*[Block(cfg, rate) for rate in rates])
+        # timm's convention: with average pooling the norm moves after the pooling (fc_norm).
+        use_fc_norm = cfg.global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if self.pos_embed.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm-style truncated-normal init, with the paper's (big_vision's) zero-initialised head."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.pos_embed == "sincos":
+            grid = sincos_pos_embed_2d(self.config.grid_size, self.embed_dim)
+            self.pos_embed.copy_(F.pad(grid, (0, 0, self.num_prefix_tokens, 0))[None])
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ---- parts of the forward pass -------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
+        return self.norm(self.blocks(self._embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> logits (or the pooled, normalised features with pre_logits=True)."""
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of selected blocks, with timm's signature and meaning.
+
+        ``indices``: an int n takes the last n blocks, a sequence takes those block indices
+        (negative counts from the end), None takes all. ``output_fmt``: "NCHW" gives patch tokens
+        as a (B, D, h, w) map, "NLC" gives (B, N, D) tokens. Returns the intermediates alone with
+        ``intermediates_only``, else ``(final_tokens, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: must be 'NCHW' or 'NLC'")
+        take = self._block_indices(indices)
+        last = max(take) if stop_early or intermediates_only else len(self.blocks) - 1
+        intermediates = []
+        x = self._embed(x)
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = block(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        patches = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            g = self.patch_embed.grid_size
+            patches = [y.reshape(y.shape[0], g, g, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
+        result = list(zip(patches, prefix)) if return_prefix_tokens else patches
+        if intermediates_only:
+            return result
+        return self.norm(x), result
+
+    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: take between 1 and {depth} last blocks")
+            return list(range(depth - indices, depth))
+        take = []
+        for i in indices:
+            if not -depth <= i < depth:
+                raise ValueError(f"block index {i} out of range for a model of depth {depth}")
+            take.append(i % depth)
+        return take
+
+    def forward_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits plus every block's attention weights, (B, heads, tokens, tokens) each.
+
+        Computed through the explicit softmax path (the fused kernel never forms the weights), so
+        the ordinary forward stays fused; hooks are not needed.
+        """
+        x = self._embed(x)
+        maps = []
+        for block in self.blocks:
+            x, attn = block.forward_with_attention(x)
+            maps.append(attn)
+        return self.forward_head(self.norm(x)), maps
+
+    # ---- changing shape -----------------------------------------------------------------------
+
+    def set_input_size(self, img_size: int) -> None:
+        """Accept another resolution: the position embeddings are resampled bicubically."""
+        cfg = self.config.replace(img_size=img_size)  # validates divisibility
+        with torch.no_grad():
+            if cfg.pos_embed == "sincos":
+                grid = sincos_pos_embed_2d(cfg.grid_size, self.embed_dim).to(self.pos_embed)
+                new = torch.cat([self.pos_embed[:, : self.num_prefix_tokens], grid[None]], dim=1)
+            else:
+                new = resample_pos_embed(self.pos_embed, cfg.grid_size, self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
+        self.patch_embed.img_size = img_size
+        self.config = cfg
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new zero-initialised head (timm's method name), e.g. for fine-tuning."""
+        if global_pool is not None and global_pool != self.global_pool:
+            raise ValueError("changing global_pool changes where the final norm sits; build a new model")
+        self.config = self.config.replace(num_classes=num_classes)
+        self.num_classes = num_classes
+        device = self.pos_embed.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay should spare (timm's method), besides norms and biases."""
+        return {"pos_embed", "cls_token"}
