@@ -1,0 +1,186 @@
+"""`vitkit bench`: how close a training step comes to the machine's limit, and how it compares.
+
+Throughput is measured in alternating rounds (vitkit, then the reference, then vitkit ...) in one
+process, so drift in clock speed or background load hits both alike; medians are reported. The
+FLOP count comes from ``torch.utils.flop_counter.FlopCounterMode`` on one real step, and the peak is
+a large fp32 matrix product timed in the same run.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitkit.model import VisionTransformer, get_config
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
+    """Best observed fp32 (bf16 on CUDA) matrix-product rate: the ceiling a step is compared with."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timm_twin(model: VisionTransformer) -> nn.Module:
+    """timm's VisionTransformer of the identical configuration, with the same weights."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    cfg = model.config
+    twin = TimmViT(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                   num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                   mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
+                   global_pool=cfg.global_pool)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+class _Step:
+    """One training step (forward, loss, backward, AdamW) or one inference forward."""
+
+    def __init__(self, model: nn.Module, batch_size: int, device: torch.device, train: bool) -> None:
+        cfg_size = model.patch_embed.img_size
+        size = cfg_size if isinstance(cfg_size, int) else cfg_size[0]
+        self.model = model.to(device).train(train)
+        self.train = train
+        self.x = torch.randn(batch_size, 3, size, size, device=device)
+        self.y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+        kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind) if train else None
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        self.device = device
+
+    def __call__(self) -> None:
+        if self.train:
+            with self.autocast or _null():
+                loss = F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), self.autocast or _null():
+                self.model(self.x)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str | None = None, rounds: int = 5,
+                steps: int = 5, compile: bool = False, device: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Training-step and inference images/s, GFLOP/s, fraction of the matmul peak, peak memory."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    ours = VisionTransformer(get_config(name, **overrides))
+    models = {"vitkit": ours}
+    if against == "timm":
+        models["timm"] = timm_twin(ours)
+    if compile:
+        for model in models.values():
+            model.compile()
+    peak = matmul_peak_gflops(dev)
+    result: dict[str, Any] = {"model": name, "config": ours.config.to_dict(), "batch_size": batch_size,
+                              "device": str(dev), "threads": torch.get_num_threads(), "rounds": rounds,
+                              "steps_per_round": steps, "matmul_peak_gflops": peak, "compile": compile}
+    for mode in ("train", "infer"):
+        runners = {k: _Step(m, batch_size, dev, train=mode == "train") for k, m in models.items()}
+        flops = count_flops(runners["vitkit"])
+        for runner in runners.values():  # warm-up (and compilation) outside the timed rounds
+            runner()
+            runner()
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(rounds):
+            for key, runner in runners.items():
+                times[key].append(_time_steps(runner, steps, dev))
+        for key, samples in times.items():
+            median = statistics.median(samples) / steps
+            entry = {"images_per_s": batch_size / median, "step_ms": median * 1e3,
+                     "gflops_per_s": flops / median / 1e9}
+            entry["fraction_of_peak"] = entry["gflops_per_s"] / peak
+            result.setdefault(key, {})[mode] = entry
+        result.setdefault("gflop_per_image", {})[mode] = flops / batch_size / 1e9
+        if "timm" in runners:
+            result.setdefault("ratio_vs_timm", {})[mode] = (
+                result["vitkit"][mode]["images_per_s"] / result["timm"][mode]["images_per_s"])
+    if dev.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def bench_data(folder: str | None = None, *, batch_size: int = 256, seconds: float = 5.0) -> dict[str, Any]:
+    """Images/s of the training input pipeline: crop+flip+TrivialAugment+mixup on whole batches."""
+    from vitkit.data import AugmentConfig, bench_augment, load_splits
+
+    if folder:
+        images = load_splits(folder, val_fraction=0.0).train.images
+    else:
+        images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
+    config = AugmentConfig(crop_padding=4, hflip=True, auto_augment="trivial", mixup_alpha=0.8)
+    result = bench_augment(images, config, batch_size=batch_size, seconds=seconds)
+    result.update({"pipeline": "crop+flip+trivialaugment+mixup", "source": folder or "random uint8 32x32",
+                   "threads": torch.get_num_threads()})
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A short human-readable summary of a bench result."""
+    if "pipeline" in result:
+        return (f"data pipeline ({result['pipeline']}, batch {result.get('batch_size')}): "
+                f"{result['images_per_s']:.0f} images/s on {result['threads']} thread(s)")
+    lines = [f"{result['model']} batch {result['batch_size']} on {result['device']} ({result['threads']} threads), "
+             f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
+    for key in ("vitkit", "timm"):
+        if key not in result:
+            continue
+        for mode in ("train", "infer"):
+            e = result[key][mode]
+            lines.append(f"  {key:<7}{mode:<6}{e['images_per_s']:>9.1f} img/s  {e['gflops_per_s']:>7.1f} GFLOP/s  "
+                         f"{100 * e['fraction_of_peak']:>5.1f}% of peak")
+    if "ratio_vs_timm" in result:
+        r = result["ratio_vs_timm"]
+        lines.append(f"  vitkit / timm: train {r['train']:.3f}x, inference {r['infer']:.3f}x")
+    lines.append(f"  GFLOP per image: train {result['gflop_per_image']['train']:.3f}, "
+                 f"inference {result['gflop_per_image']['infer']:.3f}; peak memory {result['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)

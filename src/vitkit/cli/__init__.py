@@ -1,0 +1,1 @@
+"""The `vitkit` command line (see vitkit.cli.main)."""

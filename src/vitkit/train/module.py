@@ -1,0 +1,248 @@
+"""The LightningModule: a ViT, its optimiser and schedule, EMA, and the train/validation steps.
+
+Randomness of a step (augmentation, dropout, stochastic depth) is drawn from generators seeded by
+(run seed, epoch, batch index, rank), not from a stream carried across steps: a run resumed from any
+checkpoint replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.data import AugmentConfig, BatchAugment, preprocess
+from vitkit.model import VisionTransformer
+from vitkit.train.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing after it is saved."""
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights, with the usual warm-up of the decay.
+
+    The effective decay min(decay, (1 + t) / (10 + t)) lets the average follow the fast early
+    changes instead of remembering the random init for thousands of steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        t = float(self.updates)
+        decay = min(self.decay, (1 + t) / (10 + t))
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """AdamW groups: no decay for norms, biases, class token and position embeddings; optional
+    layer-wise lr decay (each block's lr scaled by layer_decay ** (distance from the head))."""
+    depth = len(model.blocks)
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name in skip
+        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        key = (layer if layer_decay else 0, no_decay)
+        group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                        "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
+    """The lr multiplier at an optimizer step: linear warmup, then cosine (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ViTClassifier(L.LightningModule):
+    """Trains a VisionTransformer on uint8 image batches, augmenting on the training device."""
+
+    def __init__(self, model: VisionTransformer, cfg: TrainConfig, classes: list[str],
+                 mean: tuple[float, ...], std: tuple[float, ...], train_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.classes = classes
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.train_size = train_size
+        self.planned_steps: int | None = None  # set by a time budget once the step time is known
+        self.ema = EMA(model, cfg.ema) if cfg.ema else None
+        augment = AugmentConfig(**cfg.augment)
+        self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
+        self._val: dict[str, Any] = {}
+        self._throughput: list[float] = []
+        self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
+        if cfg.freeze == "backbone":
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith(("head", "fc_norm")))
+
+    # ---- the weights that are evaluated and saved -------------------------------------------
+
+    @property
+    def eval_model(self) -> VisionTransformer:
+        return self.ema.module if self.ema is not None else self.model
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (TrainBatches drops the last partial batch of each process).
+
+        Computed here rather than asked of Lightning: its estimate sets up the train loader before a
+        resumed run's loader state is restored, and the restore is then skipped.
+        """
+        batches = (self.train_size // self.trainer.world_size) // self.cfg.batch_size
+        return max(1, batches // self.cfg.accumulate)
+
+    def total_steps(self) -> int:
+        """Optimizer steps the schedule spans: a time budget's plan, else epochs (or max_steps)."""
+        if self.planned_steps:
+            return self.planned_steps
+        total = self.steps_per_epoch() * self.cfg.epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    # ---- optimisation ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.cfg
+        groups = parameter_groups(self.model, cfg.weight_decay, cfg.layer_decay)
+        for group in groups:
+            group["lr"] = cfg.lr * group["lr_scale"]
+        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+        elif cfg.optimizer == "adam":  # L2 folded into the gradient, as the seed's Adam did
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fast)
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch())
+
+        def multiplier(step: int) -> float:  # reads total_steps() live: a time budget may re-plan it
+            return warmup_cosine(step, warmup, self.total_steps(), cfg.min_lr_ratio, cfg.schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def _step_generator(self, key: torch.Tensor) -> torch.Generator:
+        epoch, index = (int(v) for v in key.tolist())
+        seed = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_003 + index) * 64 + self.global_rank
+        torch.manual_seed(seed)  # dropout and stochastic depth of this step
+        return torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def on_train_start(self) -> None:  # a resumed run may begin mid-epoch, without on_train_epoch_start
+        self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        images, labels, key = batch
+        generator = self._step_generator(key)
+        x, targets = self.augment(images, labels, generator=generator)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            epoch, index = key.tolist()
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.global_step} (epoch {epoch}, batch {index}); "
+                "lower --lr, add --grad-clip 1.0, or check the data. No checkpoint was written after it."
+            )
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
+            loader.mark_completed(int(key[1]))
+        hard = targets if targets.ndim == 1 else targets.argmax(-1)
+        acc = (logits.argmax(-1) == hard).float().mean()
+        self._epoch_images += images.shape[0]
+        n = images.shape[0]
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train_acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Here rather than in on_train_batch_end: callbacks (checkpoints, a graceful stop) run before
+        # the module's own on_train_batch_end, and must see the EMA of the step just taken.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._epoch_seconds = time.perf_counter() - self._epoch_start
+        self.log("img/s", self.images_per_second(), prog_bar=True, batch_size=1)
+
+    def images_per_second(self) -> float:
+        """Training images per second in this epoch up to its last finished step (validation excluded),
+        all processes together."""
+        return self._epoch_images * self.trainer.world_size / max(self._epoch_seconds, 1e-9)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits of the saved weights (EMA if on), with optional flip averaging."""
+        x = preprocess(images, self.model.config.img_size, self.mean, self.std)
+        model = self.eval_model
+        logits = model(x)
+        if self.cfg.tta_flip:
+            logits = (logits.softmax(-1) + model(x.flip(-1)).softmax(-1)).log()
+        return logits
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"loss": [], "correct": [], "top5": [], "count": []}
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.logits(images)
+        self._val["loss"].append(F.cross_entropy(logits, labels, reduction="sum"))
+        self._val["correct"].append((logits.argmax(-1) == labels).sum())
+        k = min(5, logits.shape[-1])
+        self._val["top5"].append((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
+        self._val["count"].append(torch.tensor(labels.shape[0], device=self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("count"):
+            return
+        totals = torch.stack([torch.stack(v).sum().float() for v in self._val.values()])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss, correct, top5, count = totals.tolist()
+        self.log("val_loss", loss / count, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val_acc", correct / count, prog_bar=True, rank_zero_only=False)
+        self.log("val_top5", top5 / count, rank_zero_only=False)
+
+    # ---- what a checkpoint carries besides Lightning's state --------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vitkit"] = {
+            "config": self.model.config.to_dict(),
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "train": self.cfg.to_dict(),
+            "weights": "ema.module." if self.ema is not None else "model.",
+        }

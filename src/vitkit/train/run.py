@@ -1,0 +1,238 @@
+"""`vitkit train` as a function: data, model, Lightning Trainer, run directory.
+
+The run directory holds ``best.ckpt`` (best validation accuracy), ``last.ckpt``, ``config.yaml``
+(the resolved settings), ``metrics.csv``/``steps.csv``, ``model.safetensors`` (the evaluated weights
+with config, class names and normalisation) and ``val_predictions.npz`` (for the report).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging, TQDMProgressBar
+
+from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, load_splits
+from vitkit.fileio import atomic_write_text, remove_stale_temporaries
+from vitkit.model import VisionTransformer, get_config
+from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget
+from vitkit.train.config import TrainConfig
+from vitkit.train.loader import EvalBatches, TrainBatches
+from vitkit.train.module import ViTClassifier
+from vitkit.weights import load_weights, read_checkpoint, save_vitkit
+
+log = logging.getLogger("vitkit")
+
+NORMALIZATION = {"vit": (VIT_MEAN, VIT_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                 "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_val_acc: float | None
+    epochs_done: int
+    steps_done: int
+    seconds: float
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Hands each process its share of the in-memory (or streamed) splits."""
+
+    def __init__(self, splits: Any, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.splits = splits
+        self.cfg = cfg
+
+    def train_dataloader(self) -> TrainBatches:
+        t = self.trainer
+        return TrainBatches(self.splits.train, self.cfg.batch_size, self.cfg.seed, rank=t.global_rank,
+                            world_size=t.world_size, num_workers=self.cfg.num_workers,
+                            current_epoch=lambda: t.current_epoch)
+
+    def val_dataloader(self) -> EvalBatches | list:
+        if len(self.splits.val) == 0:
+            return []
+        t = self.trainer
+        return EvalBatches(self.splits.val, self.cfg.batch_size * 2, rank=t.global_rank,
+                           world_size=t.world_size, num_workers=self.cfg.num_workers)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
+    """The model the config names, sized for the data; pretrained weights loaded if asked."""
+    overrides: dict[str, Any] = {"num_classes": num_classes}
+    for key in ("patch_size", "depth", "global_pool"):
+        if getattr(cfg, key) is not None:
+            overrides[key] = getattr(cfg, key)
+    overrides["drop_rate"], overrides["drop_path_rate"] = cfg.drop_rate, cfg.drop_path_rate
+    base = get_config(cfg.model)
+    if cfg.img_size is not None:
+        overrides["img_size"] = cfg.img_size
+    elif cfg.init is None and base.img_size == 32:  # small-image presets follow the data's size
+        overrides["img_size"] = data_size
+    model = VisionTransformer(get_config(cfg.model, **overrides))
+    if cfg.init:
+        report = load_weights(model, cfg.init, resample_patch=cfg.resample_patch,
+                              trust_checkpoint=cfg.trust_checkpoint)
+        log.info("initialised from %s (%s)", cfg.init, report)
+    return model
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
+    run_dir = Path(cfg.out)
+    existing = run_dir.exists() and any(run_dir.glob("*.ckpt"))
+    if existing and resume is None and not cfg.overwrite:
+        raise FileExistsError(
+            f"run directory {run_dir} already holds checkpoints; pass --resume {run_dir} to continue it, "
+            "--overwrite to start over, or another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise PermissionError(f"run directory {run_dir} is not writable; choose another --out")
+    if existing and resume is None:
+        for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+    remove_stale_temporaries(run_dir)
+    return run_dir
+
+
+def resume_checkpoint(path: str | os.PathLike) -> Path:
+    """--resume takes a run directory (its last.ckpt) or a checkpoint file."""
+    path = Path(path)
+    checkpoint = path / "last.ckpt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"nothing to resume: {checkpoint} does not exist")
+    return checkpoint
+
+
+def saved_train_config(checkpoint: Path) -> dict[str, Any]:
+    """The resolved settings stored in a vitkit checkpoint (read safely: no code can run)."""
+    state = read_checkpoint(checkpoint)
+    meta = state.get("vitkit") if isinstance(state, dict) else None
+    if not meta or "train" not in meta:
+        raise ValueError(f"{checkpoint} is not a vitkit training checkpoint (no 'vitkit' section)")
+    return dict(meta["train"])
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_time: float | None = None,
+          callbacks: list[L.Callback] | None = None) -> RunResult:
+    """Run training as configured; ``resume`` continues from a run directory or checkpoint.
+
+    ``callbacks`` are extra Lightning callbacks (yours), run after vitkit's own.
+    """
+    start = start_time if start_time is not None else time.monotonic()
+    ckpt_path = resume_checkpoint(resume) if resume is not None else None
+    if ckpt_path is not None:
+        saved_train_config(ckpt_path)  # refuses unsafe or foreign files before Lightning opens them
+    if cfg.data is None:
+        raise ValueError("no data given: pass --data PATH (an image folder, or cifar10 with --download)")
+    run_dir = prepare_run_dir(cfg, ckpt_path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Images are stored at their own size (32x32 CIFAR stays small; the model input is resized on
+    # the device); only large images are decoded down to the model's resolution once.
+    model_size = cfg.img_size or get_config(cfg.model).img_size
+    splits = load_splits(cfg.data, image_size=model_size,
+                         val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
+                         download=cfg.download)
+    classes = list(splits.classes)
+    model = build_model(cfg, len(classes), splits.image_size)
+    mean, std = NORMALIZATION[cfg.normalization]
+    module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train))
+    if cfg.compile:
+        model.compile()
+
+    resolved = cfg.to_dict() | {"classes": classes, "model_config": model.config.to_dict(),
+                                "mean": list(mean), "std": list(std)}
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    has_val = len(splits.val) > 0
+    # Checkpoints are taken at validation end (or epoch end without validation); Lightning's save_last
+    # only writes when the best one changed, so a second callback writes last.ckpt every epoch.
+    best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_acc" if has_val else None, mode="max",
+                           enable_version_counter=False, save_on_train_epoch_end=not has_val)
+    last = ModelCheckpoint(dirpath=run_dir, filename="last", monitor=None, enable_version_counter=False,
+                           save_on_train_epoch_end=not has_val)
+    metrics = MetricsTable(run_dir)
+    if ckpt_path is not None:
+        metrics.load_existing()
+    extra = list(callbacks or [])
+    callbacks = [best, last, metrics, GracefulStop(run_dir / "last.ckpt", has_val)]
+    if cfg.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if cfg.time_budget:
+        callbacks.append(TimeBudget(start + cfg.time_budget))
+    if cfg.swa:
+        callbacks.append(StochasticWeightAveraging(swa_lrs=cfg.lr * 0.1, swa_epoch_start=0.75))
+    callbacks += extra
+    logger: Any = False
+    if cfg.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(run_dir, name="tensorboard")
+
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"),
+        max_epochs=cfg.epochs if not cfg.time_budget else 10_000,
+        max_steps=cfg.max_steps or -1,
+        gradient_clip_val=cfg.grad_clip,
+        accumulate_grad_batches=cfg.accumulate,
+        deterministic=cfg.deterministic,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        logger=logger,
+        default_root_dir=run_dir,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=10,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=ImageDataModule(splits, cfg), ckpt_path=ckpt_path, weights_only=True)
+
+    best_path = Path(best.best_model_path) if best.best_model_path else run_dir / "last.ckpt"
+    if trainer.is_global_zero:
+        finish_run(run_dir, best_path, module, splits, classes, mean, std)
+    score = best.best_model_score
+    return RunResult(run_dir, best_path, float(score) if score is not None else None, trainer.current_epoch,
+                     trainer.global_step, time.monotonic() - start)
+
+
+@torch.no_grad()
+def finish_run(run_dir: Path, best_path: Path, module: ViTClassifier, splits: Any, classes: list[str],
+               mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Export the best checkpoint's evaluated weights and its validation predictions."""
+    state = read_checkpoint(best_path)
+    prefix = state["vitkit"]["weights"]
+    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    model = VisionTransformer(module.model.config).eval()
+    model.load_state_dict(weights)
+    save_vitkit(run_dir / "model.safetensors", model, classes=classes, mean=mean, std=std)
+    if len(splits.val) == 0:
+        return
+    module.to("cpu")
+    eval_module = module.eval_model
+    eval_module.load_state_dict(weights)
+    probs, labels, thumbs = [], [], []
+    for images, target in EvalBatches(splits.val, 256):
+        probs.append(module.logits(images).softmax(-1))
+        labels.append(target)
+        thumbs.append(images if images.shape[-1] <= 64 else
+                      torch.nn.functional.interpolate(images.float(), size=64, mode="area").round().byte())
+    arrays = {"probs": torch.cat(probs).float().numpy(), "labels": torch.cat(labels).numpy(),
+              "images": torch.cat(thumbs).numpy()}
+    np.savez_compressed(run_dir / "val_predictions.npz", **arrays)
+
