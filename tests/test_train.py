@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TINY_TRAIN
 
 import vitkit
+from conftest import TINY_TRAIN
 from vitkit.train import TrainingInterrupted, resolve_config, train
 from vitkit.train.module import parameter_groups, warmup_cosine
 

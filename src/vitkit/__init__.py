@@ -7,7 +7,7 @@
 
 from typing import Any
 
-from vitkit.model import ViTConfig, VisionTransformer, count_parameters, create_model, get_config, list_models
+from vitkit.model import VisionTransformer, ViTConfig, count_parameters, create_model, get_config, list_models
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
 """Crash-safe file writes, shared by checkpoints, exported weights and caches.
 
-A file is written to a temporary name in its destination directory, flushed and fsync'd, then
-``os.replace``d over the target (atomic on POSIX), and the directory is fsync'd so the rename
-itself survives a power cut. A reader therefore sees the old file or the new one, never half of
-one. Temporaries left by a killed writer are recognisable by their prefix and cleaned on the next
-start with :func:`remove_stale_temporaries`.
+A file is written under a temporary name in its destination directory, fsync'd, then ``os.replace``d
+over the target (atomic on POSIX), and the directory is fsync'd so the rename itself survives a
+power cut. A reader therefore sees the old file or the new one, never half of one. Temporaries left
+by a killed writer are recognisable by their prefix and cleaned on the next start with
+:func:`remove_stale_temporaries`.
 """
 
 from __future__ import annotations
@@ -20,27 +20,34 @@ TEMP_PREFIX = ".vitkit-tmp-"
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a binary file for writing that appears at ``path`` only if the block completes."""
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it replaces ``path`` only if the block completes.
+
+    For writers that want a file name (safetensors, ONNX); ``suffix`` ends the temporary name for
+    those that insist on an extension.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(handle)`` on a temporary file, then move it over ``path`` atomically."""
-    with atomic_open(path) as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         write(handle)
 
 

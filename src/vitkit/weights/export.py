@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config
 from vitkit.weights.errors import WeightsError, preview
 from vitkit.weights.formats import vitkit_to_hf
-from vitkit.weights.io import atomic_write
 from vitkit.weights.load import Source, _config_from_source, _resolve, load_weights, save_vitkit
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,11 @@ def _export_timm(model: VisionTransformer, dst: Path, timm_name: str | None) -> 
     if dst.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        with atomic_path(dst) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     else:
-        atomic_write(dst, lambda tmp: torch.save(tensors, tmp))
+        with atomic_path(dst) as tmp:
+            torch.save(tensors, tmp)
     if timm_name is None:
         log.info("%s: written; no timm name matches width %d / %d heads", dst, cfg.embed_dim, cfg.num_heads)
         return dst
@@ -246,7 +248,8 @@ def _export_hf(
         raise WeightsError(f"{dst}: exists and is not a directory; Hugging Face exports are directories")
     tensors = vitkit_to_hf(_state_dict(model), classifier=cfg.num_classes > 0)
     dst.mkdir(parents=True, exist_ok=True)
-    atomic_write(dst / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_path(dst / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     _write_json(dst / "config.json", hf_config(cfg, classes))
     if mean is not None and std is not None:
         _write_json(dst / "preprocessor_config.json", {
@@ -265,7 +268,8 @@ def _export_hf(
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     text = json.dumps(value, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
@@ -291,7 +295,8 @@ def _export_onnx(model: VisionTransformer, dst: Path) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         write(str(dst))
     else:
-        atomic_write(dst, write, suffix=".tmp.onnx")
+        with atomic_path(dst, suffix=".tmp.onnx") as tmp:
+            write(str(tmp))
     return dst
 
 

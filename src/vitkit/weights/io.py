@@ -1,4 +1,4 @@
-"""Reading and writing weight files without ever running code from them.
+"""Reading weight files without ever running code from them.
 
 Three container formats come in:
 
@@ -11,8 +11,7 @@ Three container formats come in:
   full pickle, and it warns.
 * NumPy .npz (Google's vit_jax and big_vision releases): ``allow_pickle=False``.
 
-Writes are atomic (temporary file in the same directory, fsync, ``os.replace``) so an interrupted
-save never leaves a half-written checkpoint under the final name.
+Writing goes through :mod:`vitkit.fileio`, whose atomic writes never leave a half-written file.
 """
 
 from __future__ import annotations
@@ -24,10 +23,8 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MAX_SAFETENSORS_HEADER",
     "PICKLE_SUFFIXES",
-    "atomic_write",
     "check_safetensors_header",
     "find_weight_files",
     "read_checkpoint",
@@ -361,37 +357,3 @@ def find_weight_files(directory: Path) -> list[Path]:
         f"{directory}: no weight file found (looked for model.safetensors, pytorch_model.bin, *.safetensors, "
         f"*.npz, {', '.join('*' + s for s in PICKLE_SUFFIXES)})"
     )
-
-
-# ---- writing -------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, suffix: str = ".tmp") -> Path:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place.
-
-    A crash or exception leaves the previous file (or none) under ``path``, never a partial one.
-    ``suffix`` ends the temporary name, for writers that insist on an extension.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path

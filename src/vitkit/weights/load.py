@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config, resample_pos_embed, sincos_pos_embed_2d
 from vitkit.weights import formats
 from vitkit.weights.errors import WeightsError, preview
-from vitkit.weights.io import atomic_write, find_weight_files, read_checkpoint, read_json
+from vitkit.weights.io import find_weight_files, read_checkpoint, read_json
 from vitkit.weights.resample import resample_patch_embed
 
 log = logging.getLogger(__name__)
@@ -534,7 +535,8 @@ def save_vitkit(
         except TypeError as e:
             raise WeightsError(f"{path}: {key} is not JSON-serialisable ({e}); use str/int/float/list/dict") from e
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_vitkit(path: str | os.PathLike) -> tuple[VisionTransformer, dict[str, Any]]:
