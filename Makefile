@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vitkit train --recipe demo --data $(DATA) --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/vitkit train --recipe cifar10-quick --data $(DATA) --out $(DEMO_OUT) --overwrite
 	$(VENV)/bin/vitkit eval --checkpoint $(DEMO_OUT)/best.ckpt --data $(DATA)
 	$(VENV)/bin/vitkit predict --checkpoint $(DEMO_OUT)/best.ckpt --top-k 3 \
 		$$(ls -d $(DATA)/*/ | head -3 | xargs -I{} sh -c 'ls {}*.jpg {}*.png 2>/dev/null | head -1')

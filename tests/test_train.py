@@ -149,3 +149,22 @@ def test_two_process_ddp_completes(tmp_path, color_folder):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "best.ckpt").is_file() and (out / "model.safetensors").is_file()
     assert "best val_acc" in done.stdout
+
+
+@pytest.mark.slow
+def test_time_budget_sizes_the_schedule(tmp_path, color_folder):
+    """A 12 s budget: the plan is made from measured step times, the cosine reaches its end (lr 0 at
+    the last step) and the run, final checkpoint included, ends within the budget."""
+    import time
+
+    settings = dict(TINY_TRAIN, epochs=1, batch_size=8)
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "budget"), val_fraction=0.25,
+                         time_budget=12.0, **settings)
+    start = time.monotonic()
+    result = train(cfg, start_time=start)
+    elapsed = time.monotonic() - start
+    assert elapsed < 12.0 + 3.0, f"took {elapsed:.1f} s for a 12 s budget"
+    assert result.epochs_done > 1  # the budget, not epochs=1, decided the length
+    rows = read_rows(tmp_path / "budget" / "metrics.csv")
+    assert float(rows[-1]["lr"]) < 0.05 * TINY_TRAIN["lr"]
+    assert (tmp_path / "budget" / "best.ckpt").is_file()

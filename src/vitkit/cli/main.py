@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -128,6 +129,7 @@ def build_parser() -> Parser:
     t.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"])
     t.add_argument("--devices", help="number of devices (or 'auto')")
     t.add_argument("--strategy", help="auto, ddp, ddp_spawn, fsdp ...")
+    t.add_argument("--num-nodes", type=positive_int, help="machines in a multi-node run (torchrun or SLURM)")
     t.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed")
     t.add_argument("--num-workers", type=int)
     t.add_argument("--time-budget", type=duration, help="wall-clock budget such as 30m: the schedule fits it")
@@ -227,7 +229,7 @@ TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "drop_path_rate", "drop_rate", "grad_clip",
     "accumulate", "ema", "swa", "tta_flip", "val_fraction", "skip_bad_images", "init", "resample_patch",
-    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
+    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices", "num_nodes",
     "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]
 
@@ -477,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _configure_logging(debug)
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -502,6 +504,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitkit: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _configure_logging(debug: bool) -> None:
+    """vitkit's own messages at INFO; Lightning's start-up chatter only with --debug."""
+    logger = logging.getLogger("vitkit")  # vitkit.data, vitkit.weights ... propagate here
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if debug else logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
 
 
 def _one_line(error: BaseException) -> str:

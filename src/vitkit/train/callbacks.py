@@ -105,19 +105,69 @@ class GracefulStop(L.Callback):
 
 
 class TimeBudget(L.Callback):
-    """Stops at an epoch end once the next epoch would overrun the wall-clock budget."""
+    """Fits the schedule to a wall-clock deadline: the cosine ends, validation runs and the final
+    checkpoint is written by then.
 
-    def __init__(self, deadline: float) -> None:
+    After a few calibration steps the step time is measured and the total number of optimizer steps
+    planned (the lr schedule reads the plan live); each epoch end re-plans with the measured epoch and
+    validation times. At the planned step Lightning is asked to stop, which still validates and saves.
+    """
+
+    def __init__(self, deadline: float, calibration_steps: int = 20, warmup_steps: int = 3) -> None:
         self.deadline = deadline
-        self._epoch_start = time.monotonic()
+        self.calibration_steps = calibration_steps
+        self.warmup_steps = warmup_steps  # the first steps (allocation, compilation) are not typical
+        self._mark: tuple[int, float] | None = None
+        self._val_seconds = 0.0
+        self._val_start = 0.0
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_start = time.monotonic()
+    def _plan(self, trainer: L.Trainer, module: Any, seconds_per_step: float) -> None:
+        steps_per_epoch = module.steps_per_epoch()
+        val_per_step = self._val_seconds / steps_per_epoch
+        reserve = 2 * self._val_seconds + 5.0  # the final validation pass and the exported predictions
+        remaining = self.deadline - time.monotonic() - reserve
+        planned = trainer.global_step + max(1, int(remaining / (seconds_per_step + val_per_step)))
+        module.planned_steps = planned
+        if module.cfg.max_steps:
+            module.planned_steps = min(planned, module.cfg.max_steps)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_time = time.monotonic() - self._epoch_start
-        if time.monotonic() + epoch_time > self.deadline:
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self.warmup_steps:
+            self._mark = (step, time.monotonic())
+        elif self._mark and step == self.warmup_steps + self.calibration_steps and module.planned_steps is None:
+            self._val_seconds = self._estimate_val_seconds(trainer, module, step)
+            self._plan(trainer, module, (time.monotonic() - self._mark[1]) / (step - self._mark[0]))
+        planned = module.planned_steps
+        if (planned is not None and step >= planned) or time.monotonic() > self.deadline:
             trainer.should_stop = True
+
+    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any, step: int) -> float:
+        """Before the first validation: a forward pass costs about a third of a training step."""
+        seconds_per_image = (time.monotonic() - self._mark[1]) / ((step - self._mark[0]) * module.cfg.batch_size)
+        val_images = sum(len(loader.indices) for loader in _as_list(trainer.val_dataloaders))
+        return val_images * seconds_per_image / 3
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        self._val_seconds = time.monotonic() - self._val_start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._epoch_start = (trainer.global_step, time.monotonic())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        steps = trainer.global_step - self._epoch_start[0]
+        if steps > self.calibration_steps:  # a full epoch is the better measurement
+            elapsed = time.monotonic() - self._epoch_start[1] - self._val_seconds
+            self._plan(trainer, module, elapsed / steps)
+
+
+def _as_list(loaders: Any) -> list:
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
 
 
 class MetricsTable(L.Callback):

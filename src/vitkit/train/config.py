@@ -73,6 +73,7 @@ class TrainConfig:
     compile: bool = False
     accelerator: str = "auto"
     devices: str = "auto"
+    num_nodes: int = 1
     strategy: str = "auto"
     precision: str | None = None  # default: bf16-mixed on CUDA, 32-true on the CPU
     time_budget: float | None = None  # seconds of wall clock from start to the final checkpoint

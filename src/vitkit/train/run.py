@@ -185,6 +185,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         accelerator=cfg.accelerator,
         devices=int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices,
         strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
         precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"),
         max_epochs=cfg.epochs if not cfg.time_budget else 10_000,
         max_steps=cfg.max_steps or -1,
