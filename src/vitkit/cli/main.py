@@ -229,8 +229,8 @@ TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "drop_path_rate", "drop_rate", "grad_clip",
     "accumulate", "ema", "swa", "tta_flip", "val_fraction", "skip_bad_images", "init", "resample_patch",
-    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices", "num_nodes",
-    "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
+    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
+    "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]
 
 
