@@ -108,6 +108,8 @@ def build_parser() -> Parser:
     t.add_argument("--grad-clip", type=positive_float)
     t.add_argument("--accumulate", type=positive_int, help="gradient accumulation steps")
     t.add_argument("--ema", type=fraction, help="EMA decay, e.g. 0.999 (the EMA weights are evaluated and saved)")
+    t.add_argument("--on-nonfinite", dest="nonfinite", choices=["stop", "skip"],
+                   help="a NaN/inf loss stops the run (default) or skips that step")
     t.add_argument("--swa", action="store_true", default=None)
     t.add_argument("--mixup", type=non_negative_float, dest="mixup_alpha", help="mixup alpha")
     t.add_argument("--cutmix", type=non_negative_float, dest="cutmix_alpha", help="cutmix alpha")
@@ -228,7 +230,7 @@ def _version() -> str:
 TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "drop_path_rate", "drop_rate", "grad_clip",
-    "accumulate", "ema", "swa", "tta_flip", "val_fraction", "skip_bad_images", "init", "resample_patch",
+    "accumulate", "ema", "nonfinite", "swa", "tta_flip", "val_fraction", "skip_bad_images", "init", "resample_patch",
     "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
     "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]
@@ -272,8 +274,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     classifier = load(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     train_cfg = classifier.train_config
-    size = classifier.config.img_size
-    splits = load_splits(args.data, image_size=size if size > 64 else None,
+    # The model's size, as in training: small images stay as stored, and the decoded cache is shared.
+    splits = load_splits(args.data, image_size=classifier.config.img_size,
                          val_fraction=0.0 if args.split == "all" else train_cfg.get("val_fraction", 0.1),
                          seed=train_cfg.get("split_seed", 0))
     if args.split == "val":
@@ -506,12 +508,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a message comes, not as it was when main() first ran: main()
+    called again in the same process after sys.stderr was swapped (tests, notebooks) must not write
+    to a stale, possibly closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(debug: bool) -> None:
     """vitkit's own messages at INFO; Lightning's start-up chatter only with --debug."""
     logger = logging.getLogger("vitkit")  # vitkit.data, vitkit.weights ... propagate here
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logging.getLogger("lightning.pytorch").setLevel(logging.INFO if debug else logging.WARNING)

@@ -182,8 +182,8 @@ class MetricsTable(L.Callback):
         self.steps: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        if trainer.global_step % self.every == 0 and outputs is not None:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none for a skipped step
+        if trainer.global_step % self.every == 0 and loss is not None:
             self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
                                "train_loss": float(loss), "lr": _lr(trainer)})
 

@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float | None = None
     accumulate: int = 1
     ema: float | None = None  # EMA decay, e.g. 0.999; the EMA weights are evaluated and saved
+    nonfinite: str = "stop"  # a NaN/inf loss: "stop" the run (naming step and batch) or "skip" that step
     swa: bool = False
     augment: dict[str, Any] = field(default_factory=lambda: {"hflip": True})
     tta_flip: bool = False  # evaluate on the image and its mirror, averaged
@@ -109,7 +110,8 @@ class TrainConfig:
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget={self.time_budget}: must be a positive duration such as 30m")
         choices = dict(optimizer=("adamw", "adam", "sgd"), schedule=("cosine", "constant"),
-                       freeze=("none", "backbone"), normalization=("vit", "imagenet", "cifar10"))
+                       freeze=("none", "backbone"), normalization=("vit", "imagenet", "cifar10"),
+                       nonfinite=("stop", "skip"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: must be one of {list(allowed)}")

@@ -8,6 +8,7 @@ checkpoint replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 from vitkit.data import AugmentConfig, BatchAugment, preprocess
 from vitkit.model import VisionTransformer
 from vitkit.train.config import TrainConfig
+
+log = logging.getLogger("vitkit")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,6 +162,11 @@ class ViTClassifier(L.LightningModule):
         torch.manual_seed(seed)  # dropout and stochastic depth of this step
         return torch.Generator(device=self.device).manual_seed(seed + 1)
 
+    def on_fit_start(self) -> None:
+        if self.cfg.nonfinite == "skip" and self.trainer.world_size > 1:
+            raise ValueError("--on-nonfinite skip (nonfinite: skip) works with one process only; "
+                             "Lightning cannot skip a step in distributed training")
+
     def on_train_start(self) -> None:  # a resumed run may begin mid-epoch, without on_train_epoch_start
         self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
 
@@ -171,15 +179,19 @@ class ViTClassifier(L.LightningModule):
         x, targets = self.augment(images, labels, generator=generator)
         logits = self.model(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
+            loader.mark_completed(int(key[1]))
         if not torch.isfinite(loss):
             epoch, index = key.tolist()
+            if self.cfg.nonfinite == "skip":  # returning None: Lightning skips backward and the update
+                log.warning("loss became %s: skipped step %d (epoch %d, batch %d), weights unchanged "
+                            "(--on-nonfinite skip)", loss.item(), self.global_step, epoch, index)
+                return None
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.global_step} (epoch {epoch}, batch {index}); "
                 "lower --lr, add --grad-clip 1.0, or check the data. No checkpoint was written after it."
             )
-        loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
-            loader.mark_completed(int(key[1]))
         hard = targets if targets.ndim == 1 else targets.argmax(-1)
         acc = (logits.argmax(-1) == hard).float().mean()
         self._epoch_images += images.shape[0]
