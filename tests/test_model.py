@@ -102,6 +102,37 @@ def test_attention_path_equals_fused_and_returns_weights():
     assert torch.allclose(maps[0].sum(-1), torch.ones(2, 3, 65), atol=1e-5)
 
 
+@pytest.mark.parametrize("explicit_max_tokens", [128, 0], ids=["explicit-attention", "sdpa"])
+def test_fast_paths_match_the_full_computation_with_gradients(monkeypatch, explicit_max_tokens):
+    """forward() computes only the class token in the last block, and training on the CPU uses
+    explicit attention for short sequences: logits and every gradient must equal the plain path
+    (all tokens through every block, fused attention), and timm's training-mode forward."""
+    import vitkit.model.vit as vit
+
+    monkeypatch.setattr(vit, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_max_tokens)
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", depth=3)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=3,
+                                  embed_dim=128, num_heads=4, num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+
+    fast = model(x)
+    fast.square().sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(vit, "EXPLICIT_ATTENTION_MAX_TOKENS", 0)
+    full = model.forward_head(model.forward_features(x))
+    full.square().sum().backward()
+    timm_logits = reference(x)
+
+    assert torch.allclose(fast, full, atol=1e-6) and torch.allclose(fast, timm_logits, atol=1e-5)
+    for name, param in model.named_parameters():
+        diff = (fast_grads[name] - param.grad).abs().max().item()
+        assert diff <= 1e-4 * param.grad.abs().max().item() + 1e-8, (name, diff)
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", depth=2, drop_path_rate=0.1, drop_rate=0.1)
@@ -147,6 +178,25 @@ def test_sincos_option():
     assert not model.pos_embed.requires_grad
     assert torch.allclose(model.pos_embed[0, 1:], sincos_pos_embed_2d(8, 128))
     assert "pos_embed" in model.state_dict()
+
+
+def test_hybrid_conv_stem():
+    """The hybrid: stride-2 3x3 convolutions down to one position per patch, then a 1x1 projection;
+    the transformer after it is unchanged, and the model still trains end to end."""
+    model = vitkit.create_model("cifar-hybrid", depth=2)
+    stem = model.patch_embed.backbone
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2)] and convs[-1].out_channels == 192
+    assert model.patch_embed.proj.kernel_size == (1, 1)
+    x = torch.randn(4, 3, 32, 32)
+    assert model.patch_embed(x).shape == (4, 64, 192)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    model(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert "patch_embed.backbone.1.running_mean" in model.state_dict()  # batch-norm statistics are saved
+    assert vitkit.create_model("S/16", stem="conv", depth=1)(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="power of two"):
+        vitkit.create_model("S/14", stem="conv")
 
 
 def test_tanh_gelu_and_eps_are_configurable():

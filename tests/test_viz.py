@@ -208,6 +208,14 @@ def test_save_figure7(tiny_model, tmp_path):
         assert_png(path, size)
 
 
+def test_save_figure7_of_a_hybrid_skips_the_pixel_filters(tmp_path):
+    model = vitkit.create_model("cifar-hybrid", depth=2).eval()
+    with pytest.raises(ValueError, match="hybrid"):
+        patch_embedding_components(model)
+    paths = save_figure7(model, torch.randn(2, 3, 32, 32), tmp_path / "fig7")
+    assert [p.name for p in paths] == ["position_embedding_similarity.png", "mean_attention_distance.png"]
+
+
 # ---- run report ---------------------------------------------------------------------------------
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer"]

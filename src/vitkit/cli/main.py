@@ -57,9 +57,12 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 must be positive")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
     return value
 
 
@@ -530,7 +533,8 @@ def _configure_logging(debug: bool) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if debug else logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # rank_zero_info logs under either
+        logging.getLogger(name).setLevel(logging.INFO if debug else logging.WARNING)
     if not debug:
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")

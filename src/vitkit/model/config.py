@@ -33,6 +33,7 @@ SMALL_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
     "cifar-tiny": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4),
     "cifar-small": dict(embed_dim=384, depth=6, num_heads=6, patch_size=4),
     "cifar-tiny-p2": dict(embed_dim=192, depth=6, num_heads=3, patch_size=2),
+    "cifar-hybrid": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, stem="conv"),
 }
 
 # Names shown by list_models(): the paper's grid, the timm aliases people actually use, and presets.
@@ -73,6 +74,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly with depth to this value
     layer_norm_eps: float = 1e-6
     gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
+    stem: str = "patch"  # "patch": the pure ViT's strided conv; "conv": a small conv stem (the hybrid)
     name: str = field(default="", compare=False)  # the variant it was decoded from, for display
 
     def __post_init__(self) -> None:
@@ -101,6 +103,10 @@ class ViTConfig:
         _check_choice("global_pool", self.global_pool, ("token", "avg"))
         _check_choice("pos_embed", self.pos_embed, ("learn", "sincos"))
         _check_choice("gelu", self.gelu, ("exact", "tanh"))
+        _check_choice("stem", self.stem, ("patch", "conv"))
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_size={self.patch_size}: the conv stem halves the image per stage, so "
+                             "the patch size must be a power of two (2, 4, 8, 16...)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):

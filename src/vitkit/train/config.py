@@ -43,6 +43,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     global_pool: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # any other ViTConfig field, e.g. {stem: conv}
     # fine-tuning
     init: str | None = None  # pretrained weights (timm, Hugging Face, .npz, vitkit)
     resample_patch: bool = False

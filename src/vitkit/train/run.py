@@ -69,12 +69,12 @@ class ImageDataModule(L.LightningDataModule):
 
 def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
     """The model the config names, sized for the data; pretrained weights loaded if asked."""
-    overrides: dict[str, Any] = {"num_classes": num_classes}
+    overrides: dict[str, Any] = dict(cfg.model_args) | {"num_classes": num_classes}
     for key in ("patch_size", "depth", "global_pool"):
         if getattr(cfg, key) is not None:
             overrides[key] = getattr(cfg, key)
     overrides["drop_rate"], overrides["drop_path_rate"] = cfg.drop_rate, cfg.drop_path_rate
-    base = get_config(cfg.model)
+    base = get_config(cfg.model, **cfg.model_args)
     if cfg.img_size is not None:
         overrides["img_size"] = cfg.img_size
     elif cfg.init is None and base.img_size == 32:  # small-image presets follow the data's size
@@ -95,7 +95,10 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
             f"run directory {run_dir} already holds checkpoints; pass --resume {run_dir} to continue it, "
             "--overwrite to start over, or another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the run directory {run_dir} ({e.strerror}); choose another --out") from e
     if not os.access(run_dir, os.W_OK):
         raise PermissionError(f"run directory {run_dir} is not writable; choose another --out")
     if existing and resume is None:
@@ -140,7 +143,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
 
     # Images are stored at their own size (32x32 CIFAR stays small; the model input is resized on
     # the device); only large images are decoded down to the model's resolution once.
-    model_size = cfg.img_size or get_config(cfg.model).img_size
+    model_size = cfg.img_size or get_config(cfg.model, **cfg.model_args).img_size
     splits = load_splits(cfg.data, image_size=model_size,
                          val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
                          download=cfg.download)

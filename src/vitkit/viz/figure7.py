@@ -38,6 +38,9 @@ def patch_embedding_components(model: nn.Module, n: int = 28) -> Tensor:
     explained variance. Each is min-max scaled on its own (all channels together, so colour is
     kept) to show as an RGB patch. Fewer than ``n`` come back if the filter bank has lower rank.
     """
+    if getattr(model.patch_embed, "backbone", None) is not None:
+        raise ValueError("this is a hybrid model: its patch projection is a 1x1 convolution over the conv stem's "
+                         "features, not filters over pixels, so it has no patch-embedding filters to show")
     weight = model.patch_embed.proj.weight.detach().float().cpu()  # (D, C, p, p)
     d, c, p, _ = weight.shape
     filters = weight.reshape(d, -1)
@@ -200,7 +203,7 @@ def _plot_distance(mad: Tensor, patch_size: int, img_size: int, num_images: int,
 
 def save_figure7(model: nn.Module, images: Tensor, out_dir: str | Path) -> list[Path]:
     """Write the three Figure 7 panels for ``model`` into ``out_dir`` and return their paths:
-    patch_embedding_pcs.png, position_embedding_similarity.png, mean_attention_distance.png.
+    patch_embedding_pcs.png (not for a hybrid), position_embedding_similarity.png, mean_attention_distance.png.
 
     ``images`` is a preprocessed batch (B, C, H, W) for the attention distances; a few dozen real
     images are plenty, since the distance is averaged over every query patch of every image.
@@ -208,8 +211,10 @@ def save_figure7(model: nn.Module, images: Tensor, out_dir: str | Path) -> list[
     out_dir = Path(out_dir)
     cfg = model.config
     mad = _attention_distance_over(model, images)
-    return [
-        _plot_components(patch_embedding_components(model), out_dir / "patch_embedding_pcs.png"),
-        _plot_similarity(position_embedding_similarity(model), out_dir / "position_embedding_similarity.png"),
-        _plot_distance(mad, cfg.patch_size, cfg.img_size, images.shape[0], out_dir / "mean_attention_distance.png"),
-    ]
+    written = []
+    if cfg.stem != "conv":  # a hybrid has no pixel filters (see patch_embedding_components)
+        written.append(_plot_components(patch_embedding_components(model), out_dir / "patch_embedding_pcs.png"))
+    written.append(_plot_similarity(position_embedding_similarity(model), out_dir / "position_embedding_similarity.png"))
+    written.append(_plot_distance(mad, cfg.patch_size, cfg.img_size, images.shape[0],
+                                  out_dir / "mean_attention_distance.png"))
+    return written

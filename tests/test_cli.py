@@ -1,0 +1,81 @@
+"""The command line answers a user's mistake with exit code 2 and one line naming the value, never a
+traceback: a table of bad invocations, each run through `vitkit.cli.main.main` as a user would type it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import make_color_folder
+from vitkit.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, trained_run, color_folder) -> dict[str, str]:
+    """Paths the bad invocations refer to: a trained run, folders, and files that are not what they claim."""
+    root = tmp_path_factory.mktemp("cli")
+    other_classes = make_color_folder(root / "other", per_class=4)
+    (other_classes / "blue").rename(other_classes / "cyan")  # same count, other names
+    text_jpg = root / "notes.jpg"
+    text_jpg.write_text("not an image")
+    a_file = root / "a_file"
+    a_file.write_text("x")
+    unknown_key = root / "bad_recipe.yaml"
+    unknown_key.write_text("lr: 1e-3\nlearning_rat: 2\n")
+    empty_folder = root / "empty"
+    (empty_folder / "cats").mkdir(parents=True)
+    run = trained_run.run_dir
+    return {"run": str(run), "ckpt": str(run / "best.ckpt"), "data": str(color_folder),
+            "other": str(other_classes), "text_jpg": str(text_jpg), "file": str(a_file),
+            "recipe": str(unknown_key), "empty": str(empty_folder), "out": str(root / "out"),
+            "missing": str(root / "does-not-exist")}
+
+
+# (id, argv with {placeholders}, words the message must contain)
+BAD_INVOCATIONS = [
+    ("train-missing-data", "train --data {missing} --out {out}", ["does-not-exist"]),
+    ("train-negative-lr", "train --data {data} --lr -0.1", ["--lr", "-0.1 must be positive"]),
+    ("train-zero-epochs", "train --data {data} --epochs 0", ["--epochs", "0"]),
+    ("train-batch-not-a-number", "train --data {data} --batch-size many", ["--batch-size", "many"]),
+    ("train-unknown-model", "train --data {data} --model ViT-Q/16 --out {out}", ["ViT-Q/16"]),
+    ("train-unknown-recipe", "train --data {data} --recipe cifar10-quik", ["cifar10-quik", "cifar10-quick"]),
+    ("train-recipe-unknown-key", "train --data {data} --recipe {recipe}", ["learning_rat"]),
+    ("train-img-size-not-divisible", "train --data {data} --img-size 30 --patch-size 4 --out {out}",
+     ["img_size=30", "patch_size=4"]),
+    ("train-val-fraction-above-one", "train --data {data} --val-fraction 1.5", ["--val-fraction", "1.5"]),
+    ("train-bad-time-budget", "train --data {data} --time-budget soon", ["soon"]),
+    ("train-out-under-a-file", "train --data {data} --out {file}/run --epochs 1", ["a_file", "another --out"]),
+    ("train-missing-init", "train --data {data} --init {missing}.safetensors --out {out}", ["does-not-exist"]),
+    ("train-missing-resume", "train --data {data} --resume {missing}", ["does-not-exist"]),
+    ("train-empty-class-folder", "train --data {empty} --out {out}", ["empty"]),
+    ("eval-missing-checkpoint", "eval --checkpoint {missing}.ckpt --data {data}", ["does-not-exist"]),
+    ("eval-other-classes", "eval --checkpoint {ckpt} --data {other} --split all", ["cyan"]),
+    ("predict-missing-image", "predict --checkpoint {ckpt} {missing}.png", ["does-not-exist"]),
+    ("predict-not-an-image", "predict --checkpoint {ckpt} {text_jpg}", ["notes.jpg"]),
+    ("predict-top-k-zero", "predict --checkpoint {ckpt} --top-k 0 {text_jpg}", ["--top-k"]),
+    ("convert-unknown-format", "convert {ckpt} {out}/w.bin --to keras", ["--to", "keras"]),
+    ("convert-missing-source", "convert {missing}.pth {out}/w.safetensors --to vitkit", ["does-not-exist"]),
+    ("info-missing", "info {missing}.ckpt", ["does-not-exist"]),
+    ("data-inspect-missing", "data inspect {missing}", ["does-not-exist"]),
+    ("bench-unknown-model", "bench --model cifar-huge --steps 1 --rounds 1", ["cifar-huge"]),
+    ("attention-missing-image", "attention --checkpoint {ckpt} {missing}.png -o {out}", ["does-not-exist"]),
+    ("inspect-missing-checkpoint", "inspect {missing}.ckpt -o {out}", ["does-not-exist"]),
+    ("report-not-a-run", "report {data}", ["not a run directory"]),
+    ("unknown-command", "fit --data {data}", ["fit"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", [case[1:] for case in BAD_INVOCATIONS], ids=[c[0] for c in BAD_INVOCATIONS])
+def test_bad_invocation_gets_one_line_and_exit_code_2(places, capsys, argv, words):
+    code = main(argv.format(**places).split())
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    messages = [line for line in err.strip().splitlines() if line.startswith("vitkit")]
+    assert len(messages) == 1, err  # argparse adds a usage line; progress lines may precede
+    message = messages[0]
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert not Path(places["out"], "best.ckpt").exists()
