@@ -214,7 +214,8 @@ def save_figure7(model: nn.Module, images: Tensor, out_dir: str | Path) -> list[
     written = []
     if cfg.stem != "conv":  # a hybrid has no pixel filters (see patch_embedding_components)
         written.append(_plot_components(patch_embedding_components(model), out_dir / "patch_embedding_pcs.png"))
-    written.append(_plot_similarity(position_embedding_similarity(model), out_dir / "position_embedding_similarity.png"))
+    written.append(_plot_similarity(position_embedding_similarity(model),
+                                    out_dir / "position_embedding_similarity.png"))
     written.append(_plot_distance(mad, cfg.patch_size, cfg.img_size, images.shape[0],
                                   out_dir / "mean_attention_distance.png"))
     return written
