@@ -62,6 +62,22 @@ def test_load_reproduces_logits_exactly(trained_run):
     assert torch.equal(from_dir.logits(x), expected)
 
 
+def test_flip_averaged_evaluation(trained_run, color_folder):
+    """--tta-flip: an image and its mirror get the same prediction; a mirror-symmetric image the plain one."""
+    classifier = vitkit.load(trained_run.run_dir)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(classifier.logits(x, tta_flip=True), classifier.logits(x.flip(-1), tta_flip=True),
+                          atol=1e-5)
+    symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], dim=-1)
+    assert torch.allclose(classifier.logits(symmetric, tta_flip=True).softmax(-1),
+                          classifier.logits(symmetric).softmax(-1), atol=1e-5)
+    from vitkit.data import load_splits
+
+    images = load_splits(str(color_folder), val_fraction=0.0).train
+    plain, flipped = vitkit.evaluate(classifier, images), vitkit.evaluate(classifier, images, tta_flip=True)
+    assert plain["images"] == flipped["images"] == 120 and flipped["top1"] > 0.5
+
+
 def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
     import numpy as np
     from PIL import Image

@@ -78,8 +78,12 @@ class Classifier:
         return center_square(tensor, self.config.img_size)
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(images))
+    def logits(self, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+        """Logits of a uint8 batch; with tta_flip, log of the image's and its mirror's mean probabilities."""
+        x = self.preprocess(images)
+        if not tta_flip:
+            return self.model(x)
+        return ((self.model(x).softmax(-1) + self.model(x.flip(-1)).softmax(-1)) / 2).log()
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64
@@ -160,8 +164,10 @@ def _from_training_checkpoint(path: Path, trust_checkpoint: bool) -> Classifier:
 
 
 @torch.no_grad()
-def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256) -> dict[str, Any]:
-    """Top-1, top-5, loss, per-class accuracy and confusion matrix on an ImageSet.
+def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256, tta_flip: bool = False
+             ) -> dict[str, Any]:
+    """Top-1, top-5, loss, per-class accuracy and confusion matrix on an ImageSet (tta_flip: averaged
+    with the mirror image).
 
     The set's classes are matched to the classifier's by name, so any folder whose class names are
     a subset of the checkpoint's can be evaluated.
@@ -181,7 +187,7 @@ def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256) ->
     batches = list(torch.arange(len(images)).split(batch_size))
     for batch, labels in iter_batches(images, batches):
         labels = remap[labels]
-        logits = classifier.logits(batch).float().cpu()
+        logits = classifier.logits(batch, tta_flip).float().cpu()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         k = min(5, n)
         top5 += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())

@@ -150,6 +150,7 @@ def build_parser() -> Parser:
     e.add_argument("--split", choices=["val", "test", "all"], default="val",
                    help="val: the run's held-out split (default); test: the folder's test/; all: every image")
     e.add_argument("--batch-size", type=positive_int, default=256)
+    e.add_argument("--tta-flip", action="store_true", help="average each image's and its mirror's predictions")
     e.add_argument("--json", action="store_true")
     e.add_argument("--trust-checkpoint", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -291,8 +292,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         images = splits.train
     if len(images) == 0:
         raise ValueError(f"the {args.split} split of {args.data} is empty; try --split all")
-    result = evaluate(classifier, images, batch_size=args.batch_size)
-    result["split"] = args.split
+    result = evaluate(classifier, images, batch_size=args.batch_size, tta_flip=args.tta_flip)
+    result["split"], result["tta_flip"] = args.split, args.tta_flip
     if args.json:
         print(json.dumps(result))
         return 0
