@@ -56,7 +56,8 @@ def test_load_reproduces_logits_exactly(trained_run):
     state = torch.load(run / "best.ckpt", weights_only=True)
     model = vitkit.create_model("cifar-mini", img_size=16, depth=2, num_classes=3).eval()
     model.load_state_dict({k[6:]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
-    expected = model(from_ckpt.preprocess(x))
+    with torch.no_grad():  # as the classifier runs it (without gradients CPU attention takes the fused kernel)
+        expected = model(from_ckpt.preprocess(x))
     assert torch.equal(from_ckpt.logits(x), expected)
     assert torch.equal(from_safetensors.logits(x), expected)
     assert torch.equal(from_dir.logits(x), expected)
@@ -104,6 +105,19 @@ def test_schedule_and_parameter_groups():
     layered = parameter_groups(model, 0.05, 0.5)
     scales = {g["lr_scale"] for g in layered}
     assert max(scales) == 1.0 and min(scales) == pytest.approx(0.5**3)
+
+
+def test_every_shipped_recipe_resolves_to_a_valid_model():
+    from vitkit.train.config import recipe_names
+
+    names = recipe_names()
+    assert {"cifar10-quick", "cifar10-vit-30m", "cifar10-hybrid-30m", "seed-ti16-finetune"} <= set(names)
+    for name in names:
+        cfg = resolve_config(name, data="unused")
+        model_cfg = vitkit.get_config(cfg.model, **cfg.model_args)
+        assert model_cfg.embed_dim > 0, name
+    assert resolve_config("cifar10-vit-30m").time_budget == 1800.0  # "30m" in the file
+    assert resolve_config("cifar10-hybrid-30m").model_args == {"stem": "conv"}
 
 
 class SignalAt(L.Callback):

@@ -459,7 +459,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     classifier = load(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     if args.data:
-        paths = _expand_images([args.data])[:64]
+        paths = _expand_images([args.data])
+        paths = paths[:: max(1, len(paths) // 64)][:64]  # spread over the folder, so over its classes
         batch, _ = _checkpoint_images(classifier, paths)
     else:
         size = classifier.config.img_size
@@ -534,7 +535,9 @@ def _configure_logging(debug: bool) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # rank_zero_info logs under either
+    # Importing lightning.pytorch resets that logger to INFO, so the loggers its start-up chatter
+    # ("GPU available", tips) comes from are quietened by their own names, which it leaves alone.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.INFO if debug else logging.WARNING)
     if not debug:
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")

@@ -175,6 +175,8 @@ def resolve_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
     values["augment"] = augment
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
+    if isinstance(values.get("time_budget"), str):  # recipes may write 30m, as the flag does
+        values["time_budget"] = parse_duration(values["time_budget"])
     values["recipe"] = recipe
     return TrainConfig(**values).validate()
 
