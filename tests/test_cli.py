@@ -79,3 +79,15 @@ def test_bad_invocation_gets_one_line_and_exit_code_2(places, capsys, argv, word
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
     assert not Path(places["out"], "best.ckpt").exists()
+
+
+def test_a_reader_that_stops_reading_is_not_an_error(monkeypatch, capsys):
+    """`vitkit eval ... | head -1`: the closed pipe ends the command quietly, exit 0."""
+    import vitkit.cli.main as cli
+
+    def models_into_a_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_models", models_into_a_closed_pipe)
+    assert main(["models"]) == 0
+    assert capsys.readouterr().err == ""

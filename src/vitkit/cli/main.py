@@ -8,6 +8,7 @@ and exit code 2; tracebacks appear only with --debug. An interrupted training ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -497,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(str(error), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (`vitkit eval ... | head -1`): nothing went wrong here
+        with contextlib.suppress(OSError, ValueError):  # and Python's exit flush must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except USER_ERRORS as error:
         if debug:
             raise
