@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.data import VIT_MEAN, VIT_STD, ImageSet, load_image, preprocess
-from vitkit.model import VisionTransformer, ViTConfig
+from vitkit.model import VisionTransformer, ViTConfig, flip_averaged_log_probs
 from vitkit.weights import config_from_weights, load_vitkit, load_weights, read_checkpoint
 
 ImageLike = str | os.PathLike | np.ndarray | torch.Tensor | Any  # Any: a PIL image
@@ -81,9 +81,7 @@ class Classifier:
     def logits(self, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
         """Logits of a uint8 batch; with tta_flip, log of the image's and its mirror's mean probabilities."""
         x = self.preprocess(images)
-        if not tta_flip:
-            return self.model(x)
-        return ((self.model(x).softmax(-1) + self.model(x.flip(-1)).softmax(-1)) / 2).log()
+        return flip_averaged_log_probs(self.model, x) if tta_flip else self.model(x)
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64

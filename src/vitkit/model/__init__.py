@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from vitkit.model.config import SIZES, SMALL_IMAGE_PRESETS, ViTConfig, get_config, list_models
-from vitkit.model.vit import VisionTransformer, resample_pos_embed, sincos_pos_embed_2d
+from vitkit.model.vit import VisionTransformer, flip_averaged_log_probs, resample_pos_embed, sincos_pos_embed_2d
 
 __all__ = [
     "SIZES",
@@ -16,6 +16,7 @@ __all__ = [
     "VisionTransformer",
     "count_parameters",
     "create_model",
+    "flip_averaged_log_probs",
     "get_config",
     "list_models",
     "resample_pos_embed",

@@ -35,6 +35,7 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "VisionTransformer",
+    "flip_averaged_log_probs",
     "resample_pos_embed",
     "sincos_pos_embed_2d",
 ]
@@ -137,18 +138,21 @@ class Attention(nn.Module):
             # Training on the CPU, short sequences (CIFAR's 65 tokens) run forward and backward
             # about 1.5x faster as two batched matrix products than through the flash kernel,
             # whose backward is slow there; without gradients the flash kernel is the faster one.
-            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
-            return self._merge(attn @ v)
+            return self._merge(self._attend_explicitly(q, k, v)[0])
         # The fused kernel (flash / memory-efficient on CUDA, flash on CPU) never stores the N x N map.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         return self._merge(x)
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same function computed explicitly, also returning the (B, heads, N, N) weights."""
-        q, k, v = self._qkv(x)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = self.attn_drop(attn) @ v
+        out, attn = self._attend_explicitly(*self._qkv(x))
         return self._merge(out), attn
+
+    def _attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(q k^T / sqrt(d)) v as two matrix products; also returns the softmax weights."""
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.attn_drop(attn) @ v, attn
 
 
 class Mlp(nn.Module):
@@ -212,6 +216,14 @@ class Block(nn.Module):
         y, attn = self.attn.forward_with_attention(self.norm1(x))
         x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x))), attn
+
+
+def flip_averaged_log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time flip: log of the mean class probabilities of each image and its mirror image.
+
+    Usable wherever logits are (cross-entropy and argmax read it the same way).
+    """
+    return ((model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2).log()
 
 
 def sincos_pos_embed_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

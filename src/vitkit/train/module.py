@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.data import AugmentConfig, BatchAugment, preprocess
-from vitkit.model import VisionTransformer
+from vitkit.model import VisionTransformer, flip_averaged_log_probs
 from vitkit.train.config import TrainConfig
 
 log = logging.getLogger("vitkit")
@@ -219,11 +219,7 @@ class ViTClassifier(L.LightningModule):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits of the saved weights (EMA if on), with optional flip averaging."""
         x = preprocess(images, self.model.config.img_size, self.mean, self.std)
-        model = self.eval_model
-        logits = model(x)
-        if self.cfg.tta_flip:
-            logits = (logits.softmax(-1) + model(x.flip(-1)).softmax(-1)).log()
-        return logits
+        return flip_averaged_log_probs(self.eval_model, x) if self.cfg.tta_flip else self.eval_model(x)
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": [], "correct": [], "top5": [], "count": []}
