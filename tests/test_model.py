@@ -236,3 +236,24 @@ def test_reset_classifier_and_pre_logits():
     assert model(x).shape == (2, 7)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 128)
     assert isinstance(model, VisionTransformer) and model.config.num_classes == 7
+
+
+def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only():
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", patch_drop_rate=0.5)
+    plain = vitkit.create_model("cifar-mini")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    embedded = model._embed(x)
+    kept = model._drop_patches(embedded)
+    assert kept.shape == (3, 1 + 32, 128)
+    assert torch.equal(kept[:, 0], embedded[:, 0])  # the class token always stays
+    for b in range(3):  # every kept token is one of the image's own, none twice
+        match = (kept[b, 1:, None] == embedded[b, None, 1:]).all(-1)
+        assert match.sum(1).eq(1).all() and match.sum(0).le(1).all()
+    assert model(x).shape == (3, 10) and model.forward_features(x).shape == (3, 33, 128)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)  # evaluation sees every patch
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        vitkit.create_model("cifar-mini", patch_drop_rate=1.0)

@@ -181,6 +181,45 @@ def test_two_process_ddp_completes(tmp_path, color_folder):
     assert "best val_acc" in done.stdout
 
 
+def _simulate_budget(step_seconds, deadline=100.0, steps_per_epoch=50, val_seconds=1.0):
+    """Drives TimeBudget with a fake clock: step_seconds(step) is each step's cost, validation runs
+    at each epoch's end. Returns (stop step, stop time, the plan at the stop)."""
+    from types import SimpleNamespace
+
+    from vitkit.train.callbacks import TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget(deadline, clock=lambda: now[0])
+    trainer = SimpleNamespace(global_step=0, should_stop=False, sanity_checking=False,
+                              val_dataloaders=SimpleNamespace(indices=range(200)))
+    module = SimpleNamespace(planned_steps=None, steps_per_epoch=lambda: steps_per_epoch,
+                             cfg=SimpleNamespace(batch_size=10, max_steps=None))
+    while not trainer.should_stop:
+        now[0] += step_seconds(trainer.global_step)
+        trainer.global_step += 1
+        budget.on_train_batch_end(trainer, module)
+        if trainer.global_step % steps_per_epoch == 0 or trainer.should_stop:
+            budget.on_validation_epoch_start(trainer, module)
+            now[0] += val_seconds
+            budget.on_validation_epoch_end(trainer, module)
+    return trainer.global_step, now[0], module.planned_steps
+
+
+@pytest.mark.parametrize("slowdown_at", [None, 150, 400])
+def test_time_budget_replans_when_the_machine_slows_down(slowdown_at):
+    """Steps of 0.1 s that become 0.3 s part-way (another process took a core): the plan follows
+    the measured speed, so the run stops at its planned step (the cosine's end), with the reserve for
+    the final validation and export left, and never by hitting the deadline."""
+    def step_seconds(step):
+        return 0.3 if slowdown_at is not None and step >= slowdown_at else 0.1
+
+    stop_step, stop_time, planned = _simulate_budget(step_seconds)
+    assert stop_step == planned
+    assert 90.0 < stop_time < 100.0 - 2 * 1.0 - 5.0 + 1.0  # the reserve (2 validations + 5 s) is kept
+    if slowdown_at is None:
+        assert stop_step > 700  # the budget is used, not wasted
+
+
 @pytest.mark.slow
 def test_time_budget_sizes_the_schedule(tmp_path, color_folder):
     """A 12 s budget: the plan is made from measured step times, the cosine reaches its end (lr 0 at

@@ -72,6 +72,7 @@ class ViTConfig:
     drop_rate: float = 0.0  # the paper's dropout: after the position embedding, attention proj, MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly with depth to this value
+    patch_drop_rate: float = 0.0  # training only: this fraction of patch tokens dropped at random
     layer_norm_eps: float = 1e-6
     gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
     stem: str = "patch"  # "patch": the pure ViT's strided conv; "conv": a small conv stem (the hybrid)
@@ -109,7 +110,7 @@ class ViTConfig:
                              "the patch size must be a power of two (2, 4, 8, 16...)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
-        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{key}={value}: must be in [0, 1)")

@@ -314,9 +314,28 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Training with patch_drop_rate: each image keeps a random subset of its patch tokens.
+
+        The transformer's cost falls with the token count, so a step costs about (1 - rate) as
+        much, and the missing patches act as a regulariser (PatchDropout, Liu et al. 2022; FLIP).
+        Evaluation always sees every patch; position embeddings are added before, so the kept
+        tokens still know where they came from.
+        """
+        rate = self.config.patch_drop_rate
+        if not self.training or rate == 0.0:
+            return x
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        B, N, D = patches.shape
+        keep = max(1, round(N * (1.0 - rate)))
+        index = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep]
+        patches = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, D))
+        return torch.cat([prefix, patches], dim=1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
-        return self.norm(self.blocks(self._embed(x)))
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D); in training with
+        patch_drop_rate, N is the number of patches kept."""
+        return self.norm(self.blocks(self._drop_patches(self._embed(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (or the pooled, normalised features with pre_logits=True)."""
@@ -330,7 +349,7 @@ class VisionTransformer(nn.Module):
         # The head reads only the class token, and the last block's other outputs feed nothing:
         # computing the class token alone there gives the same logits for less work (about 1/depth
         # of the model's FLOPs, forward and backward). forward_features still returns every token.
-        x = self._embed(x)
+        x = self._drop_patches(self._embed(x))
         for block in self.blocks[:-1]:
             x = block(x)
         return self.forward_head(self.norm(self.blocks[-1](x, num_queries=1)))

@@ -8,6 +8,8 @@ import math
 import os
 import signal
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,60 +110,63 @@ class TimeBudget(L.Callback):
     """Fits the schedule to a wall-clock deadline: the cosine ends, validation runs and the final
     checkpoint is written by then.
 
-    After a few calibration steps the step time is measured and the total number of optimizer steps
-    planned (the lr schedule reads the plan live); each epoch end re-plans with the measured epoch and
-    validation times. At the planned step Lightning is asked to stop, which still validates and saves.
+    The step time is measured over a sliding window of recent steps on a clock that stops during
+    validation, and the total number of optimizer steps is re-planned after every step (the lr
+    schedule reads the plan live). A machine that slows down mid-run (another process, thermal
+    limits) therefore shortens the cosine instead of being cut off by the deadline halfway down it.
+    At the planned step Lightning is asked to stop, which still validates and saves; the deadline
+    itself is only the last resort.
     """
 
-    def __init__(self, deadline: float, calibration_steps: int = 20, warmup_steps: int = 3) -> None:
+    def __init__(self, deadline: float, calibration_steps: int = 20, warmup_steps: int = 3,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.deadline = deadline
-        self.calibration_steps = calibration_steps
         self.warmup_steps = warmup_steps  # the first steps (allocation, compilation) are not typical
-        self._mark: tuple[int, float] | None = None
-        self._val_seconds = 0.0
+        self.clock = clock
+        self._window: deque[tuple[int, float]] = deque(maxlen=calibration_steps + 1)
+        self._val_seconds = 0.0  # the latest validation pass
+        self._val_total = 0.0  # all validation so far, taken off the training clock
         self._val_start = 0.0
+
+    def _training_clock(self) -> float:
+        return self.clock() - self._val_total
 
     def _plan(self, trainer: L.Trainer, module: Any, seconds_per_step: float) -> None:
         steps_per_epoch = module.steps_per_epoch()
         val_per_step = self._val_seconds / steps_per_epoch
         reserve = 2 * self._val_seconds + 5.0  # the final validation pass and the exported predictions
-        remaining = self.deadline - time.monotonic() - reserve
-        planned = trainer.global_step + max(1, int(remaining / (seconds_per_step + val_per_step)))
-        module.planned_steps = planned
-        if module.cfg.max_steps:
-            module.planned_steps = min(planned, module.cfg.max_steps)
+        remaining = self.deadline - self.clock() - reserve
+        planned = trainer.global_step + max(0, int(remaining / (seconds_per_step + val_per_step)))
+        module.planned_steps = min(planned, module.cfg.max_steps) if module.cfg.max_steps else planned
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
         step = trainer.global_step
-        if step == self.warmup_steps:
-            self._mark = (step, time.monotonic())
-        elif self._mark and step == self.warmup_steps + self.calibration_steps and module.planned_steps is None:
-            self._val_seconds = self._estimate_val_seconds(trainer, module, step)
-            self._plan(trainer, module, (time.monotonic() - self._mark[1]) / (step - self._mark[0]))
+        if step >= self.warmup_steps and (not self._window or self._window[-1][0] != step):
+            self._window.append((step, self._training_clock()))  # a skipped step does not count
+        if len(self._window) == self._window.maxlen:
+            if module.planned_steps is None and not self._val_seconds:
+                self._val_seconds = self._estimate_val_seconds(trainer, module)
+            (first_step, first_time), (last_step, last_time) = self._window[0], self._window[-1]
+            self._plan(trainer, module, (last_time - first_time) / (last_step - first_step))
         planned = module.planned_steps
-        if (planned is not None and step >= planned) or time.monotonic() > self.deadline:
+        if (planned is not None and step >= planned) or self.clock() > self.deadline:
             trainer.should_stop = True
 
-    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any, step: int) -> float:
+    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any) -> float:
         """Before the first validation: a forward pass costs about a third of a training step."""
-        seconds_per_image = (time.monotonic() - self._mark[1]) / ((step - self._mark[0]) * module.cfg.batch_size)
+        (first_step, first_time), (last_step, last_time) = self._window[0], self._window[-1]
+        seconds_per_image = (last_time - first_time) / ((last_step - first_step) * module.cfg.batch_size)
         val_images = sum(len(loader.indices) for loader in _as_list(trainer.val_dataloaders))
         return val_images * seconds_per_image / 3
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
-        self._val_start = time.monotonic()
+        self._val_start = self.clock()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
-        self._val_seconds = time.monotonic() - self._val_start
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
-        self._epoch_start = (trainer.global_step, time.monotonic())
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
-        steps = trainer.global_step - self._epoch_start[0]
-        if steps > self.calibration_steps:  # a full epoch is the better measurement
-            elapsed = time.monotonic() - self._epoch_start[1] - self._val_seconds
-            self._plan(trainer, module, elapsed / steps)
+        if trainer.sanity_checking:  # a couple of batches before training: not a measurement
+            return
+        self._val_seconds = self.clock() - self._val_start
+        self._val_total += self._val_seconds
 
 
 def _as_list(loaders: Any) -> list:

@@ -1,0 +1,83 @@
+"""The CUDA path: bf16 autocast, the flash kernel, torch.compile and Lightning's GPU training.
+
+CI has no GPU, so these are skipped there; they are run on a lent GPU machine (see the speed
+section of the README for what was measured there).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vitkit
+from conftest import TINY_TRAIN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert b.abs().max() > 0, "the reference is all zeros: nothing is compared"
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _model(name: str, **overrides) -> vitkit.VisionTransformer:
+    """A random model whose head is random too (the paper's zero head would make every logit 0)."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, **overrides)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    return model.cuda()
+
+
+def test_bf16_autocast_agrees_with_fp32():
+    model = _model("S/16", num_classes=10).eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert _relative_error(low, reference) < 0.03
+
+
+def test_attention_runs_on_the_flash_kernel_forward_and_backward():
+    """With only the flash backend allowed, a call it cannot take raises instead of falling back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _model("B/16", num_classes=10)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiled_model_agrees_with_eager_in_training():
+    eager = _model("cifar-tiny")
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    outputs = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x)
+        logits.float().logsumexp(-1).mean().backward()
+        outputs.append((logits.detach(), model.patch_embed.proj.weight.grad))
+    (a, grad_a), (b, grad_b) = outputs
+    assert _relative_error(b, a) < 0.02
+    assert _relative_error(grad_b, grad_a) < 0.05
+
+
+def test_training_on_cuda_in_bf16_compiled_exports_a_model_the_cpu_loads(tmp_path, color_folder):
+    from vitkit.train import resolve_config, train
+
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, compile=True))
+    result = train(cfg)
+    assert result.best_val_acc is not None and result.best_val_acc > 0.5  # chance is 1/3
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "compile: true" in config
+    on_cpu = vitkit.load(tmp_path / "run" / "model.safetensors")
+    on_gpu = vitkit.load(tmp_path / "run" / "model.safetensors", device="cuda")
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert _relative_error(on_gpu.logits(x.cuda()).cpu(), on_cpu.logits(x)) < 1e-2
