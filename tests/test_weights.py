@@ -114,8 +114,9 @@ def test_timm_weights_reproduce_timm_logits(tmp_path, timm_name, name, save):
     assert report["format"] == "timm" and not report["dropped"] and not report["resampled"]
     assert not any(t.is_meta for t in model.state_dict().values())
     x = images(1, cfg.img_size)
-    with torch.no_grad():
-        assert max_diff(model(x), reference(x)) <= 1e-5
+    with torch.no_grad():  # fp32 rounding only: vitkit's CPU inference multiplies through oneDNN, timm through BLAS
+        expected = reference(x)
+        assert max_diff(model(x), expected) <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 def test_vitkit_training_checkpoint_loads_the_weights_it_names(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
 
@@ -92,6 +92,17 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the model's CPU inference projections
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_flops(x_shape: torch.Size, w_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        """The FlopCounterMode knows aten's matrix products only; this one is a plain x @ w.T."""
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * w_shape[0] * w_shape[1]
 
 
 def count_flops(step: Callable[[], None]) -> int:
