@@ -237,3 +237,11 @@ def test_time_budget_sizes_the_schedule(tmp_path, color_folder):
     rows = read_rows(tmp_path / "budget" / "metrics.csv")
     assert float(rows[-1]["lr"]) < 0.05 * TINY_TRAIN["lr"]
     assert (tmp_path / "budget" / "best.ckpt").is_file()
+
+
+def test_model_args_may_not_shadow_a_setting_of_their_own(tmp_path):
+    """model_args: {drop_rate: 0.1} would be overridden by the top-level drop_rate (default 0)."""
+    with pytest.raises(ValueError, match=r"'drop_rate'.*top level"):
+        resolve_config(None, data=str(tmp_path), model_args={"drop_rate": 0.1})
+    cfg = resolve_config(None, data=str(tmp_path), model_args={"patch_drop_rate": 0.5, "stem": "conv"})
+    assert cfg.model_args == {"patch_drop_rate": 0.5, "stem": "conv"}

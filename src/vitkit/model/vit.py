@@ -50,7 +50,7 @@ def _linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     PyTorch's BLAS path first copies the bias into every output row and then multiplies; oneDNN
     adds it in the product's epilogue. On the qkv and MLP projections of a CIFAR ViT that made
-    inference 12-16% faster on 2 cores of an AVX2 EPYC (same results bit for bit in our tests).
+    inference 12-16% faster on 2 cores of an AVX2 EPYC (the same results up to fp32 rounding).
     Training, tracing and export keep the standard op.
     """
     if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
@@ -175,10 +175,11 @@ class Attention(nn.Module):
         """CPU training on short sequences (CIFAR's 65 tokens): attention as plain batched matrix
         products, one head at a time, on strided views of the projections.
 
-        Measured on a training step: the flash kernel's CPU backward is slow for short sequences
-        (this path is 1.3x faster than it on an AVX-512 Xeon, on par on an AVX2 EPYC), and batching
-        over (batch, heads) instead would copy q, k, v and their gradients into head-major order.
-        Returns (B, tokens, dim), the heads side by side.
+        Measured: the flash kernel's CPU backward is slow for short sequences (on an AVX-512 Xeon
+        explicit attention batched over (batch, heads) ran forward and backward 1.5x faster), and that batched
+        form copies q, k, v and their gradients into head-major order; head by head there are no
+        such copies (attention forward and backward 25% faster than the batched form and on par
+        with flash on an AVX2 EPYC). Returns (B, tokens, dim), the heads side by side.
         """
         heads = [h for p in self._project(x, num_queries) for h in p.unflatten(-1, (-1, self.head_dim)).unbind(2)]
         H = self.num_heads

@@ -144,20 +144,19 @@ class TimeBudget(L.Callback):
         if step >= self.warmup_steps and (not self._window or self._window[-1][0] != step):
             self._window.append((step, self._training_clock()))  # a skipped step does not count
         if len(self._window) == self._window.maxlen:
-            if module.planned_steps is None and not self._val_seconds:
-                self._val_seconds = self._estimate_val_seconds(trainer, module)
             (first_step, first_time), (last_step, last_time) = self._window[0], self._window[-1]
-            self._plan(trainer, module, (last_time - first_time) / (last_step - first_step))
+            seconds_per_step = (last_time - first_time) / (last_step - first_step)
+            if not self._val_seconds:  # no validation has run yet
+                self._val_seconds = self._estimate_val_seconds(trainer, module, seconds_per_step)
+            self._plan(trainer, module, seconds_per_step)
         planned = module.planned_steps
         if (planned is not None and step >= planned) or self.clock() > self.deadline:
             trainer.should_stop = True
 
-    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any) -> float:
+    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any, seconds_per_step: float) -> float:
         """Before the first validation: a forward pass costs about a third of a training step."""
-        (first_step, first_time), (last_step, last_time) = self._window[0], self._window[-1]
-        seconds_per_image = (last_time - first_time) / ((last_step - first_step) * module.cfg.batch_size)
         val_images = sum(len(loader.indices) for loader in _as_list(trainer.val_dataloaders))
-        return val_images * seconds_per_image / 3
+        return val_images * seconds_per_step / module.cfg.batch_size / 3
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
         self._val_start = self.clock()

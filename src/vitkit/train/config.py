@@ -119,6 +119,13 @@ class TrainConfig:
         unknown = set(self.augment) - AUGMENT_KEYS
         if unknown:
             raise ValueError(f"unknown augment option(s) {sorted(unknown)}; valid: {sorted(AUGMENT_KEYS)}")
+        # Settings with a field of their own: that field would override them silently.
+        shadowed = set(self.model_args) & {"img_size", "patch_size", "depth", "drop_rate", "drop_path_rate",
+                                           "global_pool"}
+        if shadowed:
+            key = sorted(shadowed)[0]
+            raise ValueError(f"model_args: {key!r} has a setting of its own, which would override it; "
+                             f"write '{key}: ...' at the top level of the recipe instead")
         return self
 
     def to_dict(self) -> dict[str, Any]:
