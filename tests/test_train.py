@@ -245,3 +245,34 @@ def test_model_args_may_not_shadow_a_setting_of_their_own(tmp_path):
         resolve_config(None, data=str(tmp_path), model_args={"drop_rate": 0.1})
     cfg = resolve_config(None, data=str(tmp_path), model_args={"patch_drop_rate": 0.5, "stem": "conv"})
     assert cfg.model_args == {"patch_drop_rate": 0.5, "stem": "conv"}
+
+
+def test_model_args_are_checked_together_with_the_top_level_settings(tmp_path):
+    """model_args {class_token: false} is valid only with global_pool: avg, which is set at the top."""
+    from vitkit.train.run import build_model
+
+    cfg = resolve_config(None, data=str(tmp_path), global_pool="avg", model_args={"class_token": False})
+    model = build_model(cfg, num_classes=10, data_size=32)
+    assert model.cls_token is None and model.global_pool == "avg"
+
+
+@pytest.mark.slow
+def test_patch_drop_end_anneals_the_kept_tokens(tmp_path, color_folder):
+    """patch_drop_rate 0.75 falling to 0: the first step keeps 4 of 16 patches, later steps keep more,
+    never fewer, and the last ones nearly all; validation always sees all 16."""
+    seen: list[tuple[bool, int]] = []
+
+    class CountTokens(L.Callback):
+        def on_fit_start(self, trainer, module):
+            module.model.blocks[0].register_forward_pre_hook(
+                lambda block, args: seen.append((block.training, args[0].shape[1] - 1)))
+
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         patch_drop_end=0.0, model_args={"patch_drop_rate": 0.75}, **TINY_TRAIN)
+    train(cfg, callbacks=[CountTokens()])
+    kept = [n for training, n in seen if training]
+    assert len(kept) == 15 and kept[0] == 4 and kept[-1] >= 14
+    assert kept == sorted(kept) and len(set(kept)) > 5
+    assert {n for training, n in seen if not training} == {16}
+    with pytest.raises(ValueError, match="patch_drop_end"):
+        resolve_config(None, data="unused", patch_drop_end=1.0)

@@ -315,6 +315,7 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.embed_dim = self.num_features = cfg.embed_dim
         self.global_pool = cfg.global_pool
+        self.patch_drop_rate = cfg.patch_drop_rate  # an attribute, so a training schedule may change it
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
@@ -366,7 +367,7 @@ class VisionTransformer(nn.Module):
         Evaluation always sees every patch; position embeddings are added before, so the kept
         tokens still know where they came from.
         """
-        rate = self.config.patch_drop_rate
+        rate = self.patch_drop_rate
         if not self.training or rate == 0.0:
             return x
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]

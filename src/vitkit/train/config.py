@@ -43,6 +43,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     global_pool: str | None = None
+    patch_drop_end: float | None = None  # patch_drop_rate falls linearly to this by the last step
     model_args: dict[str, Any] = field(default_factory=dict)  # any other ViTConfig field, e.g. {stem: conv}
     # fine-tuning
     init: str | None = None  # pretrained weights (timm, Hugging Face, .npz, vitkit)
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"ema={self.ema}: the EMA decay must be in (0, 1), e.g. 0.999")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
+        if self.patch_drop_end is not None and not 0 <= self.patch_drop_end < 1:
+            raise ValueError(f"patch_drop_end={self.patch_drop_end}: must be in [0, 1), e.g. 0.25")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs}: must be >= 0")
         if self.max_steps is not None and self.max_steps <= 0:

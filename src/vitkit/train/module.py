@@ -154,6 +154,16 @@ class ViTClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def patch_drop_rate(self, step: int) -> float:
+        """The patch dropout of a step: the model's rate, falling linearly to patch_drop_end.
+
+        Many tokens dropped early make the first steps cheap (as low resolution does in progressive
+        resizing); fewer dropped late bring training closer to evaluation, which sees every patch.
+        """
+        start, end = self.model.config.patch_drop_rate, self.cfg.patch_drop_end
+        progress = min(1.0, step / max(1, self.total_steps()))
+        return start + (end - start) * progress
+
     # ---- steps ------------------------------------------------------------------------------
 
     def _step_generator(self, key: torch.Tensor) -> torch.Generator:
@@ -177,6 +187,8 @@ class ViTClassifier(L.LightningModule):
         images, labels, key = batch
         generator = self._step_generator(key)
         x, targets = self.augment(images, labels, generator=generator)
+        if self.cfg.patch_drop_end is not None:
+            self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         logits = self.model(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
         loader = self.trainer.train_dataloader

@@ -67,14 +67,21 @@ class ImageDataModule(L.LightningDataModule):
                            world_size=t.world_size, num_workers=self.cfg.num_workers)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
-    """The model the config names, sized for the data; pretrained weights loaded if asked."""
-    overrides: dict[str, Any] = dict(cfg.model_args) | {"num_classes": num_classes}
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The ViTConfig fields a run sets: model_args and the top-level settings, checked together
+    (model_args {class_token: false} is valid only beside global_pool: avg)."""
+    overrides: dict[str, Any] = dict(cfg.model_args)
     for key in ("patch_size", "depth", "global_pool"):
         if getattr(cfg, key) is not None:
             overrides[key] = getattr(cfg, key)
     overrides["drop_rate"], overrides["drop_path_rate"] = cfg.drop_rate, cfg.drop_path_rate
-    base = get_config(cfg.model, **cfg.model_args)
+    return overrides
+
+
+def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
+    """The model the config names, sized for the data; pretrained weights loaded if asked."""
+    overrides = model_overrides(cfg) | {"num_classes": num_classes}
+    base = get_config(cfg.model, **overrides)
     if cfg.img_size is not None:
         overrides["img_size"] = cfg.img_size
     elif cfg.init is None and base.img_size == 32:  # small-image presets follow the data's size
@@ -143,7 +150,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
 
     # Images are stored at their own size (32x32 CIFAR stays small; the model input is resized on
     # the device); only large images are decoded down to the model's resolution once.
-    model_size = cfg.img_size or get_config(cfg.model, **cfg.model_args).img_size
+    model_size = cfg.img_size or get_config(cfg.model, **model_overrides(cfg)).img_size
     splits = load_splits(cfg.data, image_size=model_size,
                          val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
                          download=cfg.download)
@@ -229,7 +236,7 @@ def finish_run(run_dir: Path, best_path: Path, module: ViTClassifier, splits: An
     save_vitkit(run_dir / "model.safetensors", model, classes=classes, mean=mean, std=std)
     if len(splits.val) == 0:
         return
-    module.to("cpu")
+    module.to("cpu").eval()  # fit leaves the module in training mode: dropout and patch dropout on
     eval_module = module.eval_model
     eval_module.load_state_dict(weights)
     probs, labels, thumbs = [], [], []
