@@ -22,6 +22,9 @@ AUGMENT_KEYS = {
     "randaugment_m", "random_erasing", "mixup_alpha", "cutmix_alpha", "mix_prob",
 }
 
+# ViTConfig fields with a top-level setting of their own (the rest go through model_args).
+MODEL_SETTINGS = ("img_size", "patch_size", "depth", "drop_rate", "drop_path_rate", "global_pool")
+
 
 @dataclass
 class TrainConfig:
@@ -123,8 +126,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown augment option(s) {sorted(unknown)}; valid: {sorted(AUGMENT_KEYS)}")
         # Settings with a field of their own: that field would override them silently.
-        shadowed = set(self.model_args) & {"img_size", "patch_size", "depth", "drop_rate", "drop_path_rate",
-                                           "global_pool"}
+        shadowed = set(self.model_args) & set(MODEL_SETTINGS)
         if shadowed:
             key = sorted(shadowed)[0]
             raise ValueError(f"model_args: {key!r} has a setting of its own, which would override it; "

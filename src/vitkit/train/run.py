@@ -24,7 +24,7 @@ from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, 
 from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
 from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget
-from vitkit.train.config import TrainConfig
+from vitkit.train.config import MODEL_SETTINGS, TrainConfig
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
 from vitkit.weights import load_weights, read_checkpoint, save_vitkit
@@ -71,10 +71,9 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """The ViTConfig fields a run sets: model_args and the top-level settings, checked together
     (model_args {class_token: false} is valid only beside global_pool: avg)."""
     overrides: dict[str, Any] = dict(cfg.model_args)
-    for key in ("patch_size", "depth", "global_pool"):
-        if getattr(cfg, key) is not None:
+    for key in MODEL_SETTINGS:
+        if key != "img_size" and getattr(cfg, key) is not None:  # img_size: build_model follows the data
             overrides[key] = getattr(cfg, key)
-    overrides["drop_rate"], overrides["drop_path_rate"] = cfg.drop_rate, cfg.drop_path_rate
     return overrides
 
 
