@@ -104,7 +104,7 @@ def build_parser() -> Parser:
     t.add_argument("--batch-size", type=positive_int)
     t.add_argument("--lr", type=positive_float)
     t.add_argument("--weight-decay", type=non_negative_float)
-    t.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
+    t.add_argument("--optimizer", choices=["adamw", "muon", "adam", "sgd"])
     t.add_argument("--warmup-epochs", type=non_negative_float)
     t.add_argument("--label-smoothing", type=fraction)
     t.add_argument("--drop-path-rate", type=fraction)

@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 128
-    optimizer: str = "adamw"  # "adamw" (decoupled decay), "adam" (the seed's), "sgd"
+    optimizer: str = "adamw"  # "adamw" (decoupled decay), "muon" (blocks' matrices; AdamW else), "adam", "sgd"
     lr: float = 1e-3
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.05
@@ -116,7 +116,7 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps}: must be a positive integer")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget={self.time_budget}: must be a positive duration such as 30m")
-        choices = dict(optimizer=("adamw", "adam", "sgd"), schedule=("cosine", "constant"),
+        choices = dict(optimizer=("adamw", "muon", "adam", "sgd"), schedule=("cosine", "constant"),
                        freeze=("none", "backbone"), normalization=("vit", "imagenet", "cifar10"),
                        nonfinite=("stop", "skip"))
         for key, allowed in choices.items():

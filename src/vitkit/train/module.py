@@ -21,6 +21,7 @@ from torch import nn
 from vitkit.data import AugmentConfig, BatchAugment, preprocess
 from vitkit.model import VisionTransformer, flip_averaged_log_probs
 from vitkit.train.config import TrainConfig
+from vitkit.train.muon import MuonAdamW
 
 log = logging.getLogger("vitkit")
 
@@ -54,12 +55,14 @@ class EMA(nn.Module):
             ema_buffer.copy_(buffer)
 
 
-def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """AdamW groups: no decay for norms, biases, class token and position embeddings; optional
-    layer-wise lr decay (each block's lr scaled by layer_decay ** (distance from the head))."""
+def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay: float | None,
+                     muon: bool = False) -> list[dict]:
+    """Optimizer groups: no decay for norms, biases, class token and position embeddings; optional
+    layer-wise lr decay (each block's lr scaled by layer_decay ** (distance from the head)); with
+    muon, the blocks' weight matrices in groups of their own marked muon=True (see MuonAdamW)."""
     depth = len(model.blocks)
     skip = model.no_weight_decay()
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -71,9 +74,10 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
         else:
             layer = depth + 1
         scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        key = (layer if layer_decay else 0, no_decay)
+        matrix = muon and param.ndim == 2 and name.startswith("blocks.")
+        key = (layer if layer_decay else 0, no_decay, matrix)
         group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                        "lr_scale": scale})
+                                        "lr_scale": scale, "muon": matrix})
         group["params"].append(param)
     return list(groups.values())
 
@@ -136,12 +140,14 @@ class ViTClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         cfg = self.cfg
-        groups = parameter_groups(self.model, cfg.weight_decay, cfg.layer_decay)
+        groups = parameter_groups(self.model, cfg.weight_decay, cfg.layer_decay, muon=cfg.optimizer == "muon")
         for group in groups:
             group["lr"] = cfg.lr * group["lr_scale"]
         fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         if cfg.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+        elif cfg.optimizer == "muon":  # foreach ops and batched matmuls on any device
+            optimizer = MuonAdamW(groups, lr=cfg.lr, betas=cfg.betas)
         elif cfg.optimizer == "adam":  # L2 folded into the gradient, as the seed's Adam did
             optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
         else:
