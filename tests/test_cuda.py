@@ -81,3 +81,13 @@ def test_training_on_cuda_in_bf16_compiled_exports_a_model_the_cpu_loads(tmp_pat
     on_gpu = vitkit.load(tmp_path / "run" / "model.safetensors", device="cuda")
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     assert _relative_error(on_gpu.logits(x.cuda()).cpu(), on_cpu.logits(x)) < 1e-2
+
+
+def test_muon_orthogonalizes_in_bf16_on_cuda_as_in_fp32_on_the_cpu():
+    from vitkit.train.muon import orthogonalize
+
+    torch.manual_seed(0)
+    matrices = torch.randn(6, 128, 512)
+    on_gpu = orthogonalize(matrices.cuda())
+    assert on_gpu.dtype == torch.float32 and on_gpu.is_cuda  # bf16 inside, the parameters' dtype out
+    assert _relative_error(on_gpu.cpu(), orthogonalize(matrices)) < 0.05

@@ -31,7 +31,7 @@ def orthogonalize(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:  # iterate on the smaller Gram matrix
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)  # spectral norm <= Frobenius norm <= 1
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)  # Frobenius norm 1: no singular value above 1
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
