@@ -189,7 +189,11 @@ def test_hybrid_conv_stem():
     assert [c.stride for c in convs] == [(2, 2), (2, 2)] and convs[-1].out_channels == 192
     assert model.patch_embed.proj.kernel_size == (1, 1)
     x = torch.randn(4, 3, 32, 32)
-    assert model.patch_embed(x).shape == (4, 64, 192)
+    tokens = model.patch_embed(x)
+    assert tokens.shape == (4, 64, 192)
+    assert tokens.is_contiguous()  # the channels-last stem hands its tokens over without a copy
+    nchw = model.patch_embed.proj(torch.nn.Sequential(*stem)(x)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, nchw, rtol=1e-4, atol=1e-5)  # the layout changes no result
     torch.nn.init.normal_(model.head.weight, std=0.02)
     model(x).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
