@@ -215,3 +215,11 @@ def test_cuda_matches_cpu_with_a_cpu_generator():
     assert torch.allclose(cuda_targets.cpu(), cpu_targets)
     on_device, _ = module(x.cuda(), y.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert on_device.shape == (64, 3, 32, 32)
+
+
+def test_mix_false_leaves_the_batch_unmixed():
+    """A schedule switches mixing off for early steps: the same draw then gives clean images."""
+    x, y = images(4, 8), torch.arange(4)
+    augment = BatchAugment(AugmentConfig(hflip=False, mixup_alpha=1.0), 8, 4, VIT_MEAN, VIT_STD)
+    out, targets = augment(x, y, gen(), mix=False)
+    assert targets.dtype == torch.int64 and torch.equal(out, preprocess(x, 8, VIT_MEAN, VIT_STD))

@@ -344,3 +344,33 @@ def test_patch_drop_end_anneals_the_kept_tokens(tmp_path, color_folder):
     assert {n for training, n in seen if not training} == {16}
     with pytest.raises(ValueError, match="patch_drop_end"):
         resolve_config(None, data="unused", patch_drop_end=1.0)
+
+
+@pytest.mark.slow
+def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder):
+    """ema_horizon 0.2 of a 15-step run is a time constant of 3 steps (decay 2/3); mix_start 0.5
+    leaves the first half of the steps unmixed and mixes every step after (mix_prob 1)."""
+    mixed: list[bool] = []
+    modules = []
+
+    class WatchTargets(L.Callback):
+        def on_fit_start(self, trainer, module):
+            modules.append(module)
+            module.augment.register_forward_hook(
+                lambda augment, args, output: mixed.append(output[1].ndim == 2))
+
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, ema_horizon=0.2, mix_start=0.5,
+                                augment={"hflip": True, "mixup_alpha": 0.8}))
+    train(cfg, callbacks=[WatchTargets()])
+    assert mixed == [False] * 8 + [True] * 7  # steps 0..7 come before 0.5 * 15
+    module = modules[0]
+    assert module.ema_decay() == pytest.approx(1 - 1 / 3)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert saved["vitkit"]["weights"] == "ema.module."
+    ema = module.ema.module.state_dict()
+    assert any(not torch.equal(v, ema[k]) for k, v in module.model.state_dict().items())
+    with pytest.raises(ValueError, match="set one of them"):
+        resolve_config(None, data="unused", ema=0.999, ema_horizon=0.05)
+    with pytest.raises(ValueError, match="mix_start"):
+        resolve_config(None, data="unused", mix_start=1.0)

@@ -112,11 +112,14 @@ def build_parser() -> Parser:
     t.add_argument("--grad-clip", type=positive_float)
     t.add_argument("--accumulate", type=positive_int, help="gradient accumulation steps")
     t.add_argument("--ema", type=fraction, help="EMA decay, e.g. 0.999 (the EMA weights are evaluated and saved)")
+    t.add_argument("--ema-horizon", type=fraction,
+                   help="EMA sized to the run: its time constant as a fraction of the run's steps, e.g. 0.05")
     t.add_argument("--on-nonfinite", dest="nonfinite", choices=["stop", "skip"],
                    help="a NaN/inf loss stops the run (default) or skips that step")
     t.add_argument("--swa", action="store_true", default=None)
     t.add_argument("--mixup", type=non_negative_float, dest="mixup_alpha", help="mixup alpha")
     t.add_argument("--cutmix", type=non_negative_float, dest="cutmix_alpha", help="cutmix alpha")
+    t.add_argument("--mix-start", type=fraction, help="mixup/cutmix from this fraction of the run's steps on")
     t.add_argument("--auto-augment", choices=["none", "trivial", "randaugment"])
     t.add_argument("--tta-flip", action="store_true", default=None, help="evaluate with horizontal-flip averaging")
     t.add_argument("--val-fraction", type=fraction)
@@ -235,9 +238,10 @@ def _version() -> str:
 TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "drop_path_rate", "drop_rate", "grad_clip",
-    "accumulate", "ema", "nonfinite", "swa", "tta_flip", "val_fraction", "skip_bad_images", "init", "resample_patch",
-    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
-    "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
+    "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
+    "skip_bad_images", "init", "resample_patch", "layer_decay", "freeze", "trust_checkpoint", "seed",
+    "deterministic", "compile", "accelerator", "devices", "num_nodes", "strategy", "precision", "num_workers",
+    "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]
 
 

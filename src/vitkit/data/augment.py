@@ -372,8 +372,11 @@ class BatchAugment(torch.nn.Module):
         return self._tables[key]
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+        mix: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented, normalised images and targets; mix=False leaves this batch unmixed (a schedule
+        may switch mixup/cutmix on late)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchAugment expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         cfg = self.config
@@ -396,7 +399,7 @@ class BatchAugment(torch.nn.Module):
         out = preprocess(x, self.image_size, self.mean, self.std)
         if cfg.random_erasing > 0:
             out = random_erasing(out, cfg.random_erasing, rnd)
-        if cfg.mixes:
+        if cfg.mixes and mix:
             return mix_batch(out, labels, self.num_classes, cfg, rnd)
         return out, labels
 

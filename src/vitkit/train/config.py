@@ -69,9 +69,11 @@ class TrainConfig:
     grad_clip: float | None = None
     accumulate: int = 1
     ema: float | None = None  # EMA decay, e.g. 0.999; the EMA weights are evaluated and saved
+    ema_horizon: float | None = None  # instead of ema: the EMA's time constant as a fraction of the run's steps
     nonfinite: str = "stop"  # a NaN/inf loss: "stop" the run (naming step and batch) or "skip" that step
     swa: bool = False
     augment: dict[str, Any] = field(default_factory=lambda: {"hflip": True})
+    mix_start: float = 0.0  # mixup/cutmix only from this fraction of the run's steps on ("mixup late")
     tta_flip: bool = False  # evaluate on the image and its mirror, averaged
     # run
     seed: int = 0
@@ -106,6 +108,13 @@ class TrainConfig:
             raise ValueError(f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema={self.ema}: the EMA decay must be in (0, 1), e.g. 0.999")
+        if self.ema_horizon is not None and not 0 < self.ema_horizon < 1:
+            raise ValueError(f"ema_horizon={self.ema_horizon}: a fraction of the run's steps in (0, 1), e.g. 0.05")
+        if self.ema is not None and self.ema_horizon is not None:
+            raise ValueError(f"ema={self.ema} and ema_horizon={self.ema_horizon}: set one of them, not both "
+                             "(ema fixes the decay, ema_horizon sizes it to the run's length)")
+        if not 0 <= self.mix_start < 1:
+            raise ValueError(f"mix_start={self.mix_start}: a fraction of the run's steps in [0, 1), e.g. 0.5")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
         if self.patch_drop_end is not None and not 0 <= self.patch_drop_end < 1:

@@ -44,10 +44,11 @@ class EMA(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One step of the average; decay overrides self.decay (a schedule may size it per step)."""
         self.updates += 1
         t = float(self.updates)
-        decay = min(self.decay, (1 + t) / (10 + t))
+        decay = min(self.decay if decay is None else decay, (1 + t) / (10 + t))
         ema_params = [p for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
@@ -104,7 +105,7 @@ class ViTClassifier(L.LightningModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_size = train_size
         self.planned_steps: int | None = None  # set by a time budget once the step time is known
-        self.ema = EMA(model, cfg.ema) if cfg.ema else None
+        self.ema = EMA(model, cfg.ema or 0.0) if cfg.ema or cfg.ema_horizon else None
         augment = AugmentConfig(**cfg.augment)
         self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
         self._val: dict[str, Any] = {}
@@ -160,6 +161,17 @@ class ViTClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def ema_decay(self) -> float:
+        """The EMA's decay: fixed (ema), or sized to the run (ema_horizon).
+
+        A fixed decay such as 0.999 averages the last ~1,000 steps: most of a 5-minute run, a sliver
+        of a 2-hour one. ema_horizon instead makes the time constant 1 / (1 - decay) that fraction
+        of the planned steps, which a time budget re-plans as it goes.
+        """
+        if self.cfg.ema_horizon is None:
+            return float(self.cfg.ema)
+        return 1.0 - 1.0 / max(1.0, self.cfg.ema_horizon * self.total_steps())
+
     def patch_drop_rate(self, step: int) -> float:
         """The patch dropout of a step: the model's rate, falling linearly to patch_drop_end.
 
@@ -192,7 +204,10 @@ class ViTClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         images, labels, key = batch
         generator = self._step_generator(key)
-        x, targets = self.augment(images, labels, generator=generator)
+        # mix_start: mixing only once the model has begun to fit its data; asked every step, since a
+        # time budget re-plans the run's length.
+        mix = self.global_step >= self.cfg.mix_start * self.total_steps()
+        x, targets = self.augment(images, labels, generator=generator, mix=mix)
         if self.cfg.patch_drop_end is not None:
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         logits = self.model(x)
@@ -223,7 +238,7 @@ class ViTClassifier(L.LightningModule):
         # the module's own on_train_batch_end, and must see the EMA of the step just taken.
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.ema_decay())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._epoch_seconds = time.perf_counter() - self._epoch_start
