@@ -37,18 +37,17 @@ class EMA(nn.Module):
     changes instead of remembering the random init for thousands of steps.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float | None = None) -> None:
-        """One step of the average; decay overrides self.decay (a schedule may size it per step)."""
+    def update(self, model: nn.Module, decay: float) -> None:
+        """One step of the average at this decay (the caller sizes it: fixed, or to the run's length)."""
         self.updates += 1
         t = float(self.updates)
-        decay = min(self.decay if decay is None else decay, (1 + t) / (10 + t))
+        decay = min(decay, (1 + t) / (10 + t))
         ema_params = [p for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
@@ -105,7 +104,7 @@ class ViTClassifier(L.LightningModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_size = train_size
         self.planned_steps: int | None = None  # set by a time budget once the step time is known
-        self.ema = EMA(model, cfg.ema or 0.0) if cfg.ema or cfg.ema_horizon else None
+        self.ema = EMA(model) if cfg.ema or cfg.ema_horizon else None
         augment = AugmentConfig(**cfg.augment)
         self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
         self._val: dict[str, Any] = {}
