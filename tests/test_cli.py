@@ -45,6 +45,7 @@ BAD_INVOCATIONS = [
     ("train-img-size-not-divisible", "train --data {data} --img-size 30 --patch-size 4 --out {out}",
      ["img_size=30", "patch_size=4"]),
     ("train-val-fraction-above-one", "train --data {data} --val-fraction 1.5", ["--val-fraction", "1.5"]),
+    ("train-unknown-schedule", "train --data {data} --schedule step", ["--schedule", "step"]),
     ("train-bad-time-budget", "train --data {data} --time-budget soon", ["soon"]),
     ("train-out-under-a-file", "train --data {data} --out {file}/run --epochs 1", ["a_file", "another --out"]),
     ("train-missing-init", "train --data {data} --init {missing}.safetensors --out {out}", ["does-not-exist"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 import vitkit
 from conftest import TINY_TRAIN
 from vitkit.train import TrainingInterrupted, resolve_config, train
-from vitkit.train.module import parameter_groups, warmup_cosine
+from vitkit.train.module import lr_multiplier, parameter_groups
 from vitkit.train.muon import MuonAdamW, orthogonalize
 
 
@@ -95,9 +96,15 @@ def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
 
 
 def test_schedule_and_parameter_groups():
-    assert warmup_cosine(0, 10, 100, 0.0, "cosine") == pytest.approx(0.1)
-    assert warmup_cosine(10, 10, 100, 0.0, "cosine") == pytest.approx(1.0)
-    assert warmup_cosine(100, 10, 100, 0.1, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(0, 10, 100, 0.0, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(10, 10, 100, 0.0, "cosine") == pytest.approx(1.0)
+    assert lr_multiplier(100, 10, 100, 0.1, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(55, 10, 100, 0.0, "cosine") == pytest.approx(0.5)  # halfway down
+    assert lr_multiplier(55, 10, 100, 0.0, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(32, 10, 100, 0.0, "linear") == pytest.approx(1 - 22 / 90)  # early on below cosine's 0.86
+    assert lr_multiplier(32, 10, 100, 0.0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
+    assert lr_multiplier(100, 10, 100, 0.1, "linear") == pytest.approx(0.1)
+    assert lr_multiplier(50, 10, 100, 0.0, "constant") == 1.0
     model = vitkit.create_model("cifar-mini", depth=2)
     groups = parameter_groups(model, 0.05, None)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -106,6 +106,7 @@ def build_parser() -> Parser:
     t.add_argument("--weight-decay", type=non_negative_float)
     t.add_argument("--optimizer", choices=["adamw", "muon", "adam", "sgd"])
     t.add_argument("--warmup-epochs", type=non_negative_float)
+    t.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="lr after warmup (default cosine)")
     t.add_argument("--label-smoothing", type=fraction)
     t.add_argument("--drop-path-rate", type=fraction)
     t.add_argument("--drop-rate", type=fraction)
@@ -237,8 +238,8 @@ def _version() -> str:
 
 TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
-    "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "drop_path_rate", "drop_rate", "grad_clip",
-    "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
+    "weight_decay", "optimizer", "warmup_epochs", "schedule", "label_smoothing", "drop_path_rate", "drop_rate",
+    "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
     "skip_bad_images", "init", "resample_patch", "layer_decay", "freeze", "trust_checkpoint", "seed",
     "deterministic", "compile", "accelerator", "devices", "num_nodes", "strategy", "precision", "num_workers",
     "time_budget", "out", "overwrite", "progress", "tensorboard",

@@ -60,11 +60,11 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: str = "adamw"  # "adamw" (decoupled decay), "muon" (blocks' matrices; AdamW else), "adam", "sgd"
     lr: float = 1e-3
-    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"  # "cosine" or "constant", per step after warmup
+    schedule: str = "cosine"  # "cosine", "linear" (to min_lr_ratio) or "constant", per step after warmup
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     accumulate: int = 1
@@ -125,7 +125,7 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps}: must be a positive integer")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget={self.time_budget}: must be a positive duration such as 30m")
-        choices = dict(optimizer=("adamw", "muon", "adam", "sgd"), schedule=("cosine", "constant"),
+        choices = dict(optimizer=("adamw", "muon", "adam", "sgd"), schedule=("cosine", "linear", "constant"),
                        freeze=("none", "backbone"), normalization=("vit", "imagenet", "cifar10"),
                        nonfinite=("stop", "skip"))
         for key, allowed in choices.items():
