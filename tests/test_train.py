@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -369,7 +370,10 @@ def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
                          **dict(TINY_TRAIN, ema_horizon=0.2, mix_start=0.5,
                                 augment={"hflip": True, "mixup_alpha": 0.8}))
-    train(cfg, callbacks=[WatchTargets()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, callbacks=[WatchTargets()])
+    assert not [w for w in caught if "eval mode" in str(w.message)]  # the EMA copy is eval on purpose
     assert mixed == [False] * 8 + [True] * 7  # steps 0..7 come before 0.5 * 15
     module = modules[0]
     assert module.ema_decay() == pytest.approx(1 - 1 / 3)

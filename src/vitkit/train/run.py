@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=ImageDataModule(splits, cfg), ckpt_path=ckpt_path, weights_only=True)
+    with warnings.catch_warnings():
+        # The EMA copy stays in eval mode on purpose (it is only evaluated, never trained); Lightning
+        # warns about any submodule it finds in eval mode when training starts.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=ImageDataModule(splits, cfg), ckpt_path=ckpt_path, weights_only=True)
 
     best_path = Path(best.best_model_path) if best.best_model_path else run_dir / "last.ckpt"
     if trainer.is_global_zero:
