@@ -203,6 +203,23 @@ def test_hybrid_conv_stem():
         vitkit.create_model("S/14", stem="conv")
 
 
+def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
+    """stem_depth=2: one stride-1 conv at 32x32 (half the first halving's channels), then after each
+    stride-2 conv one stride-1 conv at its resolution; depth 1 keeps the original layout and keys."""
+    model = vitkit.create_model("cifar-mini", stem="conv", stem_depth=2, depth=1)
+    convs = [m for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
+        (3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model.patch_embed(torch.randn(2, 3, 32, 32)).shape == (2, 64, 128)
+    shallow = vitkit.create_model("cifar-mini", stem="conv", depth=1)
+    assert shallow.state_dict().keys() == vitkit.create_model("cifar-mini", stem="conv", stem_depth=1,
+                                                              depth=1).state_dict().keys()
+    assert [c.stride[0] for c in shallow.patch_embed.backbone if isinstance(c, torch.nn.Conv2d)] == [2, 2]
+    with pytest.raises(ValueError, match="stem_depth=2 needs stem='conv'"):
+        vitkit.create_model("cifar-mini", stem_depth=2)
+
+
 def test_tanh_gelu_and_eps_are_configurable():
     model = vitkit.create_model("cifar-mini", gelu="tanh", layer_norm_eps=1e-12, depth=1)
     assert model.blocks[0].mlp.act.approximate == "tanh"

@@ -193,7 +193,7 @@ def test_every_shipped_recipe_resolves_to_a_valid_model():
         model_cfg = vitkit.get_config(cfg.model, **cfg.model_args)
         assert model_cfg.embed_dim > 0, name
     assert resolve_config("cifar10-vit-30m").time_budget == 1800.0  # "30m" in the file
-    assert resolve_config("cifar10-hybrid-30m").model_args == {"stem": "conv", "patch_drop_rate": 0.5}
+    assert resolve_config("cifar10-hybrid-30m").model_args == {"stem": "conv", "stem_depth": 2, "patch_drop_rate": 0.75}
 
 
 class SignalAt(L.Callback):

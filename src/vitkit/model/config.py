@@ -76,6 +76,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
     stem: str = "patch"  # "patch": the pure ViT's strided conv; "conv": a small conv stem (the hybrid)
+    stem_depth: int = 1  # conv stem only: 3x3 convolutions per resolution (see ConvStem)
     name: str = field(default="", compare=False)  # the variant it was decoded from, for display
 
     def __post_init__(self) -> None:
@@ -105,6 +106,10 @@ class ViTConfig:
         _check_choice("pos_embed", self.pos_embed, ("learn", "sincos"))
         _check_choice("gelu", self.gelu, ("exact", "tanh"))
         _check_choice("stem", self.stem, ("patch", "conv"))
+        _check_positive_int("stem_depth", self.stem_depth)
+        if self.stem_depth != 1 and self.stem != "conv":
+            raise ValueError(f"stem_depth={self.stem_depth} needs stem='conv' (the patch stem is one "
+                             "convolution); set stem='conv' or leave stem_depth at 1")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"patch_size={self.patch_size}: the conv stem halves the image per stage, so "
                              "the patch size must be a power of two (2, 4, 8, 16...)")
