@@ -212,10 +212,10 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
         (3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert model.patch_embed(torch.randn(2, 3, 32, 32)).shape == (2, 64, 128)
-    shallow = vitkit.create_model("cifar-mini", stem="conv", depth=1)
-    assert shallow.state_dict().keys() == vitkit.create_model("cifar-mini", stem="conv", stem_depth=1,
-                                                              depth=1).state_dict().keys()
-    assert [c.stride[0] for c in shallow.patch_embed.backbone if isinstance(c, torch.nn.Conv2d)] == [2, 2]
+    shallow = vitkit.create_model("cifar-mini", stem="conv", depth=1).patch_embed.backbone
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert list(shallow.state_dict()) == ["0.weight", *(f"1.{k}" for k in bn), "3.weight", *(f"4.{k}" for k in bn)]
+    assert [c.stride[0] for c in shallow if isinstance(c, torch.nn.Conv2d)] == [2, 2]
     with pytest.raises(ValueError, match="stem_depth=2 needs stem='conv'"):
         vitkit.create_model("cifar-mini", stem_depth=2)
 

@@ -76,7 +76,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
     stem: str = "patch"  # "patch": the pure ViT's strided conv; "conv": a small conv stem (the hybrid)
-    stem_depth: int = 1  # conv stem only: 3x3 convolutions per resolution (see ConvStem)
+    stem_depth: int = 1  # conv stem only: >1 adds stem_depth-1 stride-1 convs per resolution (ConvStem)
     name: str = field(default="", compare=False)  # the variant it was decoded from, for display
 
     def __post_init__(self) -> None:
