@@ -135,6 +135,11 @@ def test_muon_adamw_groups_and_updates():
     blocks_matrices = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
     assert muon == blocks_matrices and id(model.head.weight) not in muon
     assert all(not g["muon"] for g in parameter_groups(model, 0.05, None))
+    # a hybrid's stem filters are hidden matrices too, except the first convolution, which reads the pixels
+    hybrid = vitkit.create_model("cifar-mini", depth=2, stem="conv", stem_depth=2)
+    muon = {id(p) for g in parameter_groups(hybrid, 0.05, None, muon=True) if g["muon"] for p in g["params"]}
+    stem = [p for n, p in hybrid.patch_embed.named_parameters() if p.ndim == 4]
+    assert len(stem) == 6 and id(stem[0]) not in muon and all(id(p) in muon for p in stem[1:])
 
     # AdamW groups step exactly as torch's AdamW
     a, b = (torch.nn.Parameter(torch.randn(6, 4)) for _ in range(2))
@@ -153,6 +158,11 @@ def test_muon_adamw_groups_and_updates():
     w.grad = torch.randn(8, 32)
     MuonAdamW([{"params": [w], "muon": True}], lr=0.1).step()
     assert torch.linalg.svdvals(w.detach() / (0.1 * 0.2 * 32**0.5)).min() > 0.6
+    # and convolution filters (out, in, kh, kw) as the (out, in * kh * kw) matrix they apply
+    f = torch.nn.Parameter(torch.zeros(8, 4, 3, 3))
+    f.grad = torch.randn(8, 4, 3, 3)
+    MuonAdamW([{"params": [f], "muon": True}], lr=0.1).step()
+    assert torch.linalg.svdvals(f.detach().flatten(1) / (0.1 * 0.2 * 36**0.5)).min() > 0.6
 
     # state survives a state_dict round trip: both continue identically
     model2 = vitkit.create_model("cifar-mini", depth=2)
@@ -170,7 +180,7 @@ def test_muon_adamw_groups_and_updates():
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q)
 
-    with pytest.raises(ValueError, match="2-D weight matrices"):
+    with pytest.raises(ValueError, match="weight matrices or convolution filters"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "muon": True}])
 
 
@@ -352,6 +362,24 @@ def test_patch_drop_end_anneals_the_kept_tokens(tmp_path, color_folder):
     assert {n for training, n in seen if not training} == {16}
     with pytest.raises(ValueError, match="patch_drop_end"):
         resolve_config(None, data="unused", patch_drop_end=1.0)
+
+
+@pytest.mark.slow
+def test_patch_drop_until_ends_the_run_on_every_patch(tmp_path, color_folder):
+    """patch_drop_rate 0.75 until 0.6 of a 15-step run: steps 0..8 keep 4 of 16 patches, 9..14 all 16."""
+    seen: list[int] = []
+
+    class CountTokens(L.Callback):
+        def on_fit_start(self, trainer, module):
+            module.model.blocks[0].register_forward_pre_hook(
+                lambda block, args: seen.append(args[0].shape[1] - 1) if block.training else None)
+
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         patch_drop_until=0.6, model_args={"patch_drop_rate": 0.75}, **TINY_TRAIN)
+    train(cfg, callbacks=[CountTokens()])
+    assert seen == [4] * 9 + [16] * 6
+    with pytest.raises(ValueError, match="patch_drop_until"):
+        resolve_config(None, data="unused", patch_drop_until=0.0)
 
 
 @pytest.mark.slow

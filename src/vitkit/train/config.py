@@ -47,6 +47,7 @@ class TrainConfig:
     drop_path_rate: float = 0.0
     global_pool: str | None = None
     patch_drop_end: float | None = None  # patch_drop_rate falls linearly to this by the last step
+    patch_drop_until: float | None = None  # no patch dropout from this fraction of the run's steps on
     model_args: dict[str, Any] = field(default_factory=dict)  # any other ViTConfig field, e.g. {stem: conv}
     # fine-tuning
     init: str | None = None  # pretrained weights (timm, Hugging Face, .npz, vitkit)
@@ -58,7 +59,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 128
-    optimizer: str = "adamw"  # "adamw" (decoupled decay), "muon" (blocks' matrices; AdamW else), "adam", "sgd"
+    optimizer: str = "adamw"  # "adamw" (decoupled decay), "muon" (hidden matrices; AdamW else), "adam", "sgd"
     lr: float = 1e-3
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.05
@@ -119,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
         if self.patch_drop_end is not None and not 0 <= self.patch_drop_end < 1:
             raise ValueError(f"patch_drop_end={self.patch_drop_end}: must be in [0, 1), e.g. 0.25")
+        if self.patch_drop_until is not None and not 0 < self.patch_drop_until <= 1:
+            raise ValueError(f"patch_drop_until={self.patch_drop_until}: a fraction of the run's steps in (0, 1], "
+                             "e.g. 0.9 (the last tenth sees every patch)")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs}: must be >= 0")
         if self.max_steps is not None and self.max_steps <= 0:

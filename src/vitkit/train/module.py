@@ -59,8 +59,10 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
                      muon: bool = False) -> list[dict]:
     """Optimizer groups: no decay for norms, biases, class token and position embeddings; optional
     layer-wise lr decay (each block's lr scaled by layer_decay ** (distance from the head)); with
-    muon, the blocks' weight matrices in groups of their own marked muon=True (see MuonAdamW)."""
+    muon, the hidden weight matrices in groups of their own marked muon=True (see MuonAdamW): the
+    blocks' and, in a hybrid, the conv stem's filters except the first, which reads the pixels."""
     depth = len(model.blocks)
+    pixel_filters = next((f"patch_embed.{n}" for n, p in model.patch_embed.named_parameters() if p.ndim == 4), None)
     skip = model.no_weight_decay()
     groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -74,7 +76,8 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
         else:
             layer = depth + 1
         scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        matrix = muon and param.ndim == 2 and name.startswith("blocks.")
+        hidden_filters = param.ndim == 4 and name.startswith("patch_embed.") and name != pixel_filters
+        matrix = muon and ((param.ndim == 2 and name.startswith("blocks.")) or hidden_filters)
         key = (layer if layer_decay else 0, no_decay, matrix)
         group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                         "lr_scale": scale, "muon": matrix})
@@ -178,14 +181,21 @@ class ViTClassifier(L.LightningModule):
         return 1.0 - 1.0 / max(1.0, self.cfg.ema_horizon * self.total_steps())
 
     def patch_drop_rate(self, step: int) -> float:
-        """The patch dropout of a step: the model's rate, falling linearly to patch_drop_end.
+        """The patch dropout of a step: the model's rate, falling linearly to patch_drop_end, and none
+        from patch_drop_until on.
 
         Many tokens dropped early make the first steps cheap (as low resolution does in progressive
         resizing); fewer dropped late bring training closer to evaluation, which sees every patch.
+        patch_drop_until ends the run on every patch, as FLIP's unmasked tuning does, so attention
+        learns the token count it is evaluated on. Those steps cost more; a time budget sees them slow
+        down and re-plans, so the unmasked tail takes about that fraction of the time, fewer of the steps.
         """
-        start, end = self.model.config.patch_drop_rate, self.cfg.patch_drop_end
-        progress = min(1.0, step / max(1, self.total_steps()))
-        return start + (end - start) * progress
+        start, end, until = self.model.config.patch_drop_rate, self.cfg.patch_drop_end, self.cfg.patch_drop_until
+        masked_steps = (until or 1.0) * self.total_steps()
+        if until is not None and step >= masked_steps:
+            return 0.0
+        progress = min(1.0, step / max(1.0, masked_steps))
+        return start if end is None else start + (end - start) * progress
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -213,7 +223,7 @@ class ViTClassifier(L.LightningModule):
         # time budget re-plans the run's length.
         mix = self.global_step >= self.cfg.mix_start * self.total_steps()
         x, targets = self.augment(images, labels, generator=generator, mix=mix)
-        if self.cfg.patch_drop_end is not None:
+        if self.cfg.patch_drop_end is not None or self.cfg.patch_drop_until is not None:
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         logits = self.model(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)

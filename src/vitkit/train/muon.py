@@ -1,10 +1,12 @@
-"""Muon for the transformer's weight matrices, AdamW for the rest, as one torch optimizer.
+"""Muon for the hidden weight matrices, AdamW for the rest, as one torch optimizer.
 
 Muon (Jordan et al., 2024) replaces each matrix's momentum by its nearest semi-orthogonal matrix
 (all singular values near 1), so every direction of the update moves at the same speed instead of
 the few that dominate the gradient. It has trained transformers in fewer steps than AdamW, which is
-what a short time budget needs. It suits the 2-D weights inside the blocks only; the patch
-projection, class token, position embeddings, norms, biases and head keep AdamW (its authors' advice).
+what a short time budget needs. It suits hidden weight matrices: the blocks' 2-D weights, and a
+hybrid's convolution filters past the first, each taken as the (out, in * kh * kw) matrix it
+applies (as Muon's CIFAR-10 speed runs do). The layer that reads the pixels, class token, position
+embeddings, norms, biases and head keep AdamW (its authors' advice).
 
 torch.optim.Muon exists, but orthogonalizes in bfloat16, which is two orders of magnitude slower
 than float32 on CPUs, and handles one matrix at a time. Here matrices of one shape are stacked and
@@ -53,9 +55,9 @@ class MuonAdamW(torch.optim.Optimizer):
                         ns_steps=ns_steps, muon=False)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            if group["muon"] and any(p.ndim != 2 for p in group["params"]):
-                shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
-                raise ValueError(f"Muon groups take 2-D weight matrices only, got shapes {shapes}; "
+            if group["muon"] and any(p.ndim < 2 for p in group["params"]):
+                shapes = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
+                raise ValueError(f"Muon groups take weight matrices or convolution filters only, got shapes {shapes}; "
                                  "put other parameters in a group with muon=False (AdamW)")
 
     @torch.no_grad()
@@ -81,10 +83,12 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
             nesterov = torch._foreach_add(grads, bufs, alpha=momentum)
-            update = orthogonalize(torch.stack(nesterov), group["ns_steps"]).unbind(0)
+            # a convolution's filters (out, in, kh, kw) as the (out, in * kh * kw) matrix they apply
+            matrices = torch.stack(nesterov).flatten(2)
+            update = orthogonalize(matrices, group["ns_steps"]).view(len(same), *shape).unbind(0)
             if group["weight_decay"]:
                 torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(same, update, alpha=-lr * 0.2 * max(shape) ** 0.5)
+            torch._foreach_add_(same, update, alpha=-lr * 0.2 * max(matrices.shape[-2:]) ** 0.5)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
