@@ -188,7 +188,8 @@ class ViTClassifier(L.LightningModule):
         resizing); fewer dropped late bring training closer to evaluation, which sees every patch.
         patch_drop_until ends the run on every patch, as FLIP's unmasked tuning does, so attention
         learns the token count it is evaluated on. Those steps cost more; a time budget sees them slow
-        down and re-plans, so the unmasked tail takes about that fraction of the time, fewer of the steps.
+        down and re-plans, so the unmasked tail takes about 1 - patch_drop_until of the time and a
+        smaller share of the steps.
         """
         start, end, until = self.model.config.patch_drop_rate, self.cfg.patch_drop_end, self.cfg.patch_drop_until
         masked_steps = (until or 1.0) * self.total_steps()
