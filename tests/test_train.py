@@ -134,6 +134,9 @@ def test_muon_adamw_groups_and_updates():
     muon = {id(p) for g in groups if g["muon"] for p in g["params"]}
     blocks_matrices = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
     assert muon == blocks_matrices and id(model.head.weight) not in muon
+    # the fused qkv weights, and only they, are orthogonalized as three blocks (q, k, v)
+    fused = {id(p) for g in groups if g["muon"] and g["row_blocks"] == 3 for p in g["params"]}
+    assert fused == {id(b.attn.qkv.weight) for b in model.blocks}
     assert all(not g["muon"] for g in parameter_groups(model, 0.05, None))
     # a hybrid's stem filters are hidden matrices too, except the first convolution, which reads the pixels
     hybrid = vitkit.create_model("cifar-mini", depth=2, stem="conv", stem_depth=2)
@@ -163,6 +166,14 @@ def test_muon_adamw_groups_and_updates():
     f.grad = torch.randn(8, 4, 3, 3)
     MuonAdamW([{"params": [f], "muon": True}], lr=0.1).step()
     assert torch.linalg.svdvals(f.detach().flatten(1) / (0.1 * 0.2 * 36**0.5)).min() > 0.6
+    # row_blocks=3 steps each third of a fused matrix as a matrix of its own, whatever the others' scale
+    fused, parts = torch.nn.Parameter(torch.zeros(24, 32)), [torch.nn.Parameter(torch.zeros(8, 32)) for _ in range(3)]
+    fused.grad = torch.cat([torch.randn(8, 32) * scale for scale in (1.0, 100.0, 0.01)])
+    for part, grad in zip(parts, fused.grad.chunk(3)):
+        part.grad = grad.clone()
+    MuonAdamW([{"params": [fused], "muon": True, "row_blocks": 3}], lr=0.1).step()
+    MuonAdamW([{"params": parts, "muon": True}], lr=0.1).step()
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in parts]))
 
     # state survives a state_dict round trip: both continue identically
     model2 = vitkit.create_model("cifar-mini", depth=2)
@@ -182,6 +193,8 @@ def test_muon_adamw_groups_and_updates():
 
     with pytest.raises(ValueError, match="weight matrices or convolution filters"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "muon": True}])
+    with pytest.raises(ValueError, match="row_blocks=3 does not divide"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(8, 4))], "muon": True, "row_blocks": 3}])
 
 
 def test_muon_trains(tmp_path, color_folder):

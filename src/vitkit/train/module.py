@@ -60,11 +60,12 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
     """Optimizer groups: no decay for norms, biases, class token and position embeddings; optional
     layer-wise lr decay (each block's lr scaled by layer_decay ** (distance from the head)); with
     muon, the hidden weight matrices in groups of their own marked muon=True (see MuonAdamW): the
-    blocks' and, in a hybrid, the conv stem's filters except the first, which reads the pixels."""
+    blocks' and, in a hybrid, the conv stem's filters except the first, which reads the pixels;
+    attention's fused qkv weights in a group with row_blocks=3, so q, k and v are orthogonalized apart."""
     depth = len(model.blocks)
     pixel_filters = next((f"patch_embed.{n}" for n, p in model.patch_embed.named_parameters() if p.ndim == 4), None)
     skip = model.no_weight_decay()
-    groups: dict[tuple[int, bool, bool], dict] = {}
+    groups: dict[tuple[int, bool, bool, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -78,9 +79,10 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
         scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
         hidden_filters = param.ndim == 4 and name.startswith("patch_embed.") and name != pixel_filters
         matrix = muon and ((param.ndim == 2 and name.startswith("blocks.")) or hidden_filters)
-        key = (layer if layer_decay else 0, no_decay, matrix)
+        row_blocks = 3 if matrix and name.endswith(".attn.qkv.weight") else 1
+        key = (layer if layer_decay else 0, no_decay, matrix, row_blocks)
         group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                        "lr_scale": scale, "muon": matrix})
+                                        "lr_scale": scale, "muon": matrix, "row_blocks": row_blocks})
         group["params"].append(param)
     return list(groups.values())
 
