@@ -7,8 +7,8 @@ what a short time budget needs. It suits hidden weight matrices: the blocks' 2-D
 hybrid's convolution filters past the first, each taken as the (out, in * kh * kw) matrix it
 applies (as Muon's CIFAR-10 speed runs do). A fused projection is orthogonalized block by block:
 attention's qkv weight as its q, k and v matrices (a group's ``row_blocks=3``), since its authors
-found Muon trains transformers better with the three apart; fused, a large gradient in one of them
-would shrink the other two's updates. The layer that reads the pixels, class token, position
+found Muon trains transformers better with the three apart (fused, a large gradient in one of them
+can shrink the other two's updates). The layer that reads the pixels, class token, position
 embeddings, norms, biases and head keep AdamW (their advice too).
 
 torch.optim.Muon exists, but orthogonalizes in bfloat16, which is two orders of magnitude slower
