@@ -58,12 +58,12 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, muon=False, row_blocks=1)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["muon"] and any(p.ndim < 2 for p in group["params"]):
-                shapes = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
-                raise ValueError(f"Muon groups take weight matrices or convolution filters only, got shapes {shapes}; "
+        for group in (g for g in self.param_groups if g["muon"]):
+            flat = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
+            if flat:
+                raise ValueError(f"Muon groups take weight matrices or convolution filters only, got shapes {flat}; "
                                  "put other parameters in a group with muon=False (AdamW)")
-            uneven = [tuple(p.shape) for p in group["params"] if group["muon"] and p.shape[0] % group["row_blocks"]]
+            uneven = [tuple(p.shape) for p in group["params"] if p.shape[0] % group["row_blocks"]]
             if uneven:
                 raise ValueError(f"row_blocks={group['row_blocks']} does not divide the rows of shapes {uneven}; "
                                  "give fused weights (like qkv) a group of their own with their block count")
