@@ -220,6 +220,22 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
         vitkit.create_model("cifar-mini", stem_depth=2)
 
 
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_inference_path_equals_the_training_path(gelu):
+    """Inference on the CPU runs the projections through oneDNN with the bias and GELU fused in
+    (see vit._linear_weights); it must compute what the autograd path computes, for either GELU."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", gelu=gelu, depth=2).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    assert model.blocks[0].mlp.act.approximate == ("tanh" if gelu == "tanh" else "none")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        inferred = model(x)
+    trained = model(x)
+    assert trained.requires_grad
+    assert torch.allclose(inferred, trained.detach(), atol=1e-5)
+
+
 def test_tanh_gelu_and_eps_are_configurable():
     model = vitkit.create_model("cifar-mini", gelu="tanh", layer_norm_eps=1e-12, depth=1)
     assert model.blocks[0].mlp.act.approximate == "tanh"
