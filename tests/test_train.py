@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -84,7 +85,6 @@ def test_flip_averaged_evaluation(trained_run, color_folder):
 
 
 def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
-    import numpy as np
     from PIL import Image
 
     classifier = vitkit.load(trained_run.run_dir)
@@ -426,3 +426,62 @@ def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder
         resolve_config(None, data="unused", ema=0.999, ema_horizon=0.05)
     with pytest.raises(ValueError, match="mix_start"):
         resolve_config(None, data="unused", mix_start=1.0)
+
+
+def test_teacher_sees_the_students_pixels_in_its_own_normalisation_size_and_class_order(tmp_path):
+    """A teacher trained at 16x16 with ImageNet statistics and classes in another order, teaching a
+    student fed 32x32 CIFAR-normalised batches: its probabilities are those of its own preprocessing
+    of the same pixels, columns in the student's class order."""
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from vitkit.model import VisionTransformer, get_config
+    from vitkit.train.distill import load_teacher
+    from vitkit.weights import save_vitkit
+
+    torch.manual_seed(0)
+    model = VisionTransformer(get_config("cifar-mini", img_size=16, depth=1, num_classes=3)).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # the head starts at zero: uniform probabilities
+    save_vitkit(tmp_path / "teacher.safetensors", model, classes=["red", "blue", "green"],
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    teacher = load_teacher(tmp_path / "teacher.safetensors", ["blue", "green", "red"], CIFAR10_MEAN, CIFAR10_STD)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    got = teacher.probabilities(preprocess(images, 32, CIFAR10_MEAN, CIFAR10_STD))
+    with torch.no_grad():
+        expected = model(preprocess(images, 16, IMAGENET_MEAN, IMAGENET_STD)).softmax(-1)[:, [1, 2, 0]]
+    assert got.shape == (4, 3)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert got.std(0).max() > 0.01  # the images are told apart, not a constant guess
+    with pytest.raises(ValueError, match="missing from the teacher: \\['cyan'\\]"):
+        load_teacher(tmp_path / "teacher.safetensors", ["blue", "green", "cyan"], CIFAR10_MEAN, CIFAR10_STD)
+
+
+@pytest.mark.slow
+def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_folder, trained_run):
+    """With distill_weight 1 the labels do not enter the loss: a teacher whose class names are rotated
+    (its green is blue, its red green, its blue red) makes the student answer as that teacher does,
+    not as the labels say. The teacher's weights stay out of the student's checkpoint."""
+    from vitkit.weights import load_vitkit, save_vitkit
+
+    model, meta = load_vitkit(trained_run.run_dir / "model.safetensors")
+    assert meta["classes"] == ["blue", "green", "red"]
+    with torch.no_grad():  # a confident teacher (same answers, sharper probabilities): 3 epochs left it unsure
+        model.head.weight.mul_(10)
+        model.head.bias.mul_(10)
+    rotated = tmp_path / "rotated.safetensors"
+    save_vitkit(rotated, model, classes=["green", "red", "blue"], mean=meta["mean"], std=meta["std"])
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "student"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, epochs=4, teacher=str(rotated), distill_weight=1.0))
+    result = train(cfg)
+    validation = np.load(result.run_dir / "val_predictions.npz")
+    student = torch.from_numpy(validation["probs"]).argmax(-1)
+    labels = torch.from_numpy(validation["labels"])
+    teacher = vitkit.load(rotated)  # classes in its own order: compare names, not indices
+    said = [teacher.classes[i] for i in teacher.logits(torch.from_numpy(validation["images"])).argmax(-1)]
+    answered = [["blue", "green", "red"][i] for i in student]
+    truth = [["blue", "green", "red"][i] for i in labels]
+    agree_teacher = sum(a == b for a, b in zip(answered, said)) / len(said)
+    agree_labels = sum(a == b for a, b in zip(answered, truth)) / len(truth)
+    assert agree_teacher >= 0.9 and agree_labels <= 0.5, (answered, said, truth)
+    saved = torch.load(result.run_dir / "last.ckpt", weights_only=True)
+    assert not [k for k in saved["state_dict"] if "teacher" in k]
+    with pytest.raises(ValueError, match="distill_weight"):
+        resolve_config(None, data="unused", distill_weight=0.0)

@@ -55,6 +55,9 @@ class TrainConfig:
     trust_checkpoint: bool = False
     freeze: str = "none"  # "none" or "backbone" (a linear probe: only the head trains)
     layer_decay: float | None = None  # layer-wise lr decay, e.g. 0.75 for fine-tuning
+    # distillation
+    teacher: str | None = None  # a trained classifier (run dir, .ckpt, .safetensors) whose probabilities teach
+    distill_weight: float = 0.5  # loss = (1 - w) * CE(labels) + w * CE(teacher's probabilities)
     # optimisation
     epochs: int = 10
     max_steps: int | None = None
@@ -116,6 +119,9 @@ class TrainConfig:
                              "(ema fixes the decay, ema_horizon sizes it to the run's length)")
         if not 0 <= self.mix_start < 1:
             raise ValueError(f"mix_start={self.mix_start}: a fraction of the run's steps in [0, 1), e.g. 0.5")
+        if not 0 < self.distill_weight <= 1:
+            raise ValueError(f"distill_weight={self.distill_weight}: the teacher's share of the loss, in (0, 1], "
+                             "e.g. 0.5")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
         if self.patch_drop_end is not None and not 0 <= self.patch_drop_end < 1:

@@ -1,4 +1,4 @@
-"""The LightningModule: a ViT, its optimiser and schedule, EMA, and the train/validation steps.
+"""The LightningModule: a ViT, its optimiser and schedule, EMA, a teacher, and the train/validation steps.
 
 Randomness of a step (augmentation, dropout, stochastic depth) is drawn from generators seeded by
 (run seed, epoch, batch index, rank), not from a stream carried across steps: a run resumed from any
@@ -21,6 +21,7 @@ from torch import nn
 from vitkit.data import AugmentConfig, BatchAugment, preprocess
 from vitkit.model import VisionTransformer, flip_averaged_log_probs
 from vitkit.train.config import TrainConfig
+from vitkit.train.distill import Teacher, soft_cross_entropy
 from vitkit.train.muon import MuonAdamW
 
 log = logging.getLogger("vitkit")
@@ -107,9 +108,11 @@ class ViTClassifier(L.LightningModule):
     """Trains a VisionTransformer on uint8 image batches, augmenting on the training device."""
 
     def __init__(self, model: VisionTransformer, cfg: TrainConfig, classes: list[str],
-                 mean: tuple[float, ...], std: tuple[float, ...], train_size: int) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], train_size: int,
+                 teacher: Teacher | None = None) -> None:
         super().__init__()
         self.model = model
+        self.teacher = teacher
         self.cfg = cfg
         self.classes = classes
         self.mean, self.std = tuple(mean), tuple(std)
@@ -209,6 +212,8 @@ class ViTClassifier(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed + 1)
 
     def on_fit_start(self) -> None:
+        if self.teacher is not None:  # not a submodule (see Teacher), so Lightning does not move it
+            self.teacher.to(self.device)
         if self.cfg.nonfinite == "skip" and self.trainer.world_size > 1:
             raise ValueError("--on-nonfinite skip (nonfinite: skip) works with one process only; "
                              "Lightning cannot skip a step in distributed training")
@@ -230,6 +235,9 @@ class ViTClassifier(L.LightningModule):
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         logits = self.model(x)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        if self.teacher is not None:
+            w = self.cfg.distill_weight
+            loss = (1 - w) * loss + w * soft_cross_entropy(logits, self.teacher.probabilities(x))
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
             loader.mark_completed(int(key[1]))

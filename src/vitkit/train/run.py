@@ -26,6 +26,7 @@ from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
 from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget
 from vitkit.train.config import MODEL_SETTINGS, TrainConfig
+from vitkit.train.distill import load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
 from vitkit.weights import load_weights, read_checkpoint, save_vitkit
@@ -157,7 +158,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     classes = list(splits.classes)
     model = build_model(cfg, len(classes), splits.image_size)
     mean, std = NORMALIZATION[cfg.normalization]
-    module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train))
+    teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
+    module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher)
     if cfg.compile:
         model.compile()
 
