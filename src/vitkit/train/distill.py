@@ -36,7 +36,6 @@ class Teacher:
         shift = [(s_mean - t_mean) / t_std for s_mean, t_mean, t_std in zip(student_mean, mean, std, strict=True)]
         self.scale = torch.tensor(scale).view(1, 3, 1, 1)
         self.shift = torch.tensor(shift).view(1, 3, 1, 1)
-        self.same_normalisation = bool((self.scale == 1).all() and (self.shift == 0).all())
 
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
@@ -46,8 +45,7 @@ class Teacher:
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the teacher's logits for a batch normalised as the student's input is."""
-        if not self.same_normalisation:
-            x = x * self.scale + self.shift
+        x = x * self.scale + self.shift  # exactly x when the normalisations agree
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
                               align_corners=False)
@@ -72,8 +70,3 @@ def load_teacher(path: str | os.PathLike, classes: Sequence[str], student_mean: 
         model.head.weight.data = model.head.weight.data[order]
         model.head.bias.data = model.head.bias.data[order]
     return Teacher(model, classifier.config.img_size, classifier.mean, classifier.std, student_mean, student_std)
-
-
-def soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits to target probabilities (the KL divergence plus a constant)."""
-    return -(probabilities * logits.float().log_softmax(-1)).sum(-1).mean()

@@ -21,7 +21,7 @@ from torch import nn
 from vitkit.data import AugmentConfig, BatchAugment, preprocess
 from vitkit.model import VisionTransformer, flip_averaged_log_probs
 from vitkit.train.config import TrainConfig
-from vitkit.train.distill import Teacher, soft_cross_entropy
+from vitkit.train.distill import Teacher
 from vitkit.train.muon import MuonAdamW
 
 log = logging.getLogger("vitkit")
@@ -237,7 +237,7 @@ class ViTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
         if self.teacher is not None:
             w = self.cfg.distill_weight
-            loss = (1 - w) * loss + w * soft_cross_entropy(logits, self.teacher.probabilities(x))
+            loss = (1 - w) * loss + w * F.cross_entropy(logits, self.teacher.probabilities(x))  # soft targets
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
             loader.mark_completed(int(key[1]))
