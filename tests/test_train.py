@@ -267,6 +267,22 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, color_folder, stop_
     assert [r["val_acc"] for r in ra] == [r["val_acc"] for r in rb]
 
 
+def test_resuming_a_checkpoint_grouped_otherwise_names_the_file_and_init(tmp_path, color_folder, trained_run):
+    """A checkpoint whose optimizer groups differ from today's (an earlier vitkit's) is refused before
+    anything trains, with its path and the --init way on, not torch's bare group-size error."""
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    state = torch.load(trained_run.run_dir / "last.ckpt", weights_only=True)
+    groups = state["optimizer_states"][0]["param_groups"]
+    assert len(groups) >= 2
+    groups[0]["params"] += groups.pop(1)["params"]  # one group fewer, as an earlier grouping would save
+    torch.save(state, run_dir / "last.ckpt")
+    cfg = resolve_config(None, data=str(color_folder), out=str(run_dir), val_fraction=0.25,
+                         **dict(TINY_TRAIN, epochs=4))
+    with pytest.raises(ValueError, match=r"last\.ckpt.*cannot be resumed.*--init .*last\.ckpt"):
+        train(cfg, resume=run_dir)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_completes(tmp_path, color_folder):
     out = tmp_path / "ddp"

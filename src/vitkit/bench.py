@@ -4,20 +4,30 @@ Throughput is measured in alternating rounds (vitkit, then the reference, then v
 process, so drift in clock speed or background load hits both alike; medians are reported. The
 FLOP count comes from ``torch.utils.flop_counter.FlopCounterMode`` on one real step, and the peak is
 a large fp32 matrix product timed in the same run.
+
+The peak is a square product's; a model's products are thinner (one side is its width), so they run
+slower. To tell that apart from everything else a step does, the counted operations of one step are
+recorded and each is replayed alone at its own shapes and strides: their total time is what the step
+would take if nothing else cost anything, and their rate is the fraction of peak that step could
+reach at best.
 """
 
 from __future__ import annotations
 
+import functools
 import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
 
@@ -112,6 +122,71 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+@dataclass(frozen=True)
+class _TensorSpec:
+    """A tensor's layout, recorded in place of the tensor (a leaf to tree_map, unlike a NamedTuple)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def make(self) -> torch.Tensor:
+        """A tensor of this layout (overlapping strides included) filled with random values."""
+        extent = 1 + sum((size - 1) * step for size, step in zip(self.shape, self.stride)) if all(self.shape) else 0
+        base = torch.randn(extent, device=self.device).to(self.dtype)
+        return base.as_strided(self.shape, self.stride)
+
+
+def _spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    return value
+
+
+class _RecordCounted(TorchDispatchMode):
+    """Records every call of an operation the FLOP counter counts (matrix products, convolutions,
+    attention kernels) with its arguments' layouts, so that each can be replayed alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list] = {}  # repr of (op, args) -> [op, args, kwargs, times called]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func.overloadpacket in flop_registry:
+            specs = tree_map(_spec, (args, kwargs))
+            entry = self.calls.setdefault(repr((func, specs)), [func, *specs, 0])
+            entry[3] += 1
+        else:  # without autograd (inference), composite ops such as linear arrive whole: open them here
+            with self:
+                result = func.decompose(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return func(*args, **kwargs)
+
+
+def products_alone(step: Callable[[], None], device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds and GFLOP of one step's counted operations, each replayed alone (median of repeats)
+    on fresh tensors of the recorded layouts: the time the step would take if nothing else cost."""
+    recorder = _RecordCounted()
+    with recorder:
+        step()
+    seconds = flops = 0.0
+    with torch.no_grad():
+        for func, args, kwargs, count in recorder.calls.values():
+            args, kwargs = tree_map(lambda v: v.make() if isinstance(v, _TensorSpec) else v, (args, kwargs))
+            call = functools.partial(func, *args, **kwargs)
+            call()  # warm-up
+            counter = FlopCounterMode(display=False)
+            with counter:
+                call()
+            samples = [_time_steps(call, 1, device) for _ in range(repeats)]
+            seconds += count * statistics.median(samples)
+            flops += count * counter.get_total_flops()
+    return {"ms": seconds * 1e3, "gflop": flops / 1e9}
+
+
 def _time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -154,6 +229,10 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
             entry = {"images_per_s": batch_size / median, "step_ms": median * 1e3,
                      "gflop_per_image": flops[key] / batch_size / 1e9, "gflops_per_s": flops[key] / median / 1e9}
             entry["fraction_of_peak"] = entry["gflops_per_s"] / peak
+            if not compile:  # a compiled step's operations run inside its graphs; they are not replayed
+                alone = products_alone(runners[key], dev)
+                entry["products_alone_ms"] = alone["ms"]
+                entry["products_fraction_of_peak"] = alone["gflop"] / (alone["ms"] / 1e3) / peak
             result.setdefault(key, {})[mode] = entry
         if "timm" in runners:
             result.setdefault("ratio_vs_timm", {})[mode] = (
@@ -194,6 +273,9 @@ def format_result(result: dict[str, Any]) -> str:
             e = result[key][mode]
             lines.append(f"  {key:<7}{mode:<6}{e['images_per_s']:>9.1f} img/s  {e['gflop_per_image']:>6.3f} GFLOP/img  "
                          f"{e['gflops_per_s']:>7.1f} GFLOP/s  {100 * e['fraction_of_peak']:>5.1f}% of peak")
+            if "products_alone_ms" in e:
+                lines.append(f"{'':<15}products alone: {e['products_alone_ms']:.1f} of {e['step_ms']:.1f} ms a step, "
+                             f"{100 * e['products_fraction_of_peak']:.1f}% of peak (the step's ceiling)")
     if "ratio_vs_timm" in result:
         r = result["ratio_vs_timm"]
         lines.append(f"  vitkit / timm: train {r['train']:.3f}x, inference {r['infer']:.3f}x")

@@ -304,6 +304,27 @@ class ViTClassifier(L.LightningModule):
 
     # ---- what a checkpoint carries besides Lightning's state --------------------------------
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning restores the optimizer: refuse a checkpoint whose parameter groups differ
+        from the ones these settings make now, naming the file and the way on.
+
+        Resuming restores the optimizer state group by group, so it needs the same grouping. A
+        checkpoint written by an earlier vitkit may have another (Muon's q, k and v weights got a group
+        of their own on 2026-11-27), and torch's own error ("a parameter group that doesn't match the
+        size of optimizer's group") names neither the file nor what to do.
+        """
+        states = checkpoint.get("optimizer_states") or [{}]
+        saved = [len(group["params"]) for group in states[0].get("param_groups", [])]
+        cfg = self.cfg
+        wanted = [len(group["params"]) for group in
+                  parameter_groups(self.model, cfg.weight_decay, cfg.layer_decay, muon=cfg.optimizer == "muon")]
+        if saved and saved != wanted:
+            path = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(
+                f"{path}: its optimizer state has parameter groups of {saved} tensors, while this vitkit groups "
+                f"the same model and settings as {wanted} (the checkpoint comes from an earlier version), so it "
+                f"cannot be resumed; start a new run from its weights with --init {path}")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vitkit"] = {
             "config": self.model.config.to_dict(),

@@ -1,0 +1,34 @@
+"""`vitkit bench`: what it counts and replays (its timings are for benchmarks, not for tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitkit.bench import _Step, bench_model, count_flops, format_result, products_alone
+from vitkit.model import VisionTransformer, get_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+def test_products_alone_replays_exactly_the_operations_the_flop_count_counts(train):
+    """Every counted call of a step (backward and oneDNN's inference projections included) is replayed,
+    each as often as the step makes it: the replays' FLOPs equal the step's."""
+    torch.manual_seed(0)
+    step = _Step(VisionTransformer(get_config("cifar-mini", depth=2, img_size=16)), 4, CPU, train=train)
+    alone = products_alone(step, CPU, repeats=1)
+    assert alone["gflop"] * 1e9 == pytest.approx(count_flops(step), rel=1e-9)
+    assert alone["ms"] > 0
+
+
+def test_bench_reports_both_models_and_their_ceilings():
+    result = bench_model("cifar-mini", batch_size=4, against="timm", rounds=1, steps=1, depth=1, img_size=16)
+    for key in ("vitkit", "timm"):
+        for mode in ("train", "infer"):
+            entry = result[key][mode]
+            assert entry["images_per_s"] > 0 and entry["gflop_per_image"] > 0
+            assert entry["products_alone_ms"] > 0 and entry["products_fraction_of_peak"] > 0
+    assert set(result["ratio_vs_timm"]) == {"train", "infer"}
+    text = format_result(result)
+    assert text.count("products alone") == 4 and "of peak (the step's ceiling)" in text
