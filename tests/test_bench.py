@@ -22,8 +22,11 @@ def test_products_alone_replays_exactly_the_operations_the_flop_count_counts(tra
     assert alone["ms"] > 0
 
 
-def test_bench_reports_both_models_and_their_ceilings():
-    result = bench_model("cifar-mini", batch_size=4, against="timm", rounds=1, steps=1, depth=1, img_size=16)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_bench_reports_both_models_and_their_ceilings(precision):
+    result = bench_model("cifar-mini", batch_size=4, against="timm", rounds=1, steps=1, precision=precision,
+                         depth=1, img_size=16)
+    assert result["precision"] == precision
     for key in ("vitkit", "timm"):
         for mode in ("train", "infer"):
             entry = result[key][mode]
@@ -32,3 +35,9 @@ def test_bench_reports_both_models_and_their_ceilings():
     assert set(result["ratio_vs_timm"]) == {"train", "infer"}
     text = format_result(result)
     assert text.count("products alone") == 4 and "of peak (the step's ceiling)" in text
+    assert ("bf16 matmul peak" if precision == "bf16-mixed" else "fp32 matmul peak") in text
+
+
+def test_bench_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="'16-mixed' is not one of 32-true, bf16-mixed"):
+        bench_model("cifar-mini", precision="16-mixed", depth=1, img_size=16)

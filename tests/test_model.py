@@ -236,6 +236,30 @@ def test_inference_path_equals_the_training_path(gelu):
     assert torch.allclose(inferred, trained.detach(), atol=1e-5)
 
 
+def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():
+    """Under autocast, inference leaves the fp32 oneDNN projections (autocast would not cast their
+    operands) for F.linear, which autocast runs in bf16, as training under autocast does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in flop_registry or "linear" in str(func):
+                self.dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
+    for grad in (False, True):
+        products = ProductDtypes()
+        with torch.inference_mode(not grad), torch.autocast("cpu", dtype=torch.bfloat16), products:
+            model(torch.randn(2, 3, 16, 16))
+        assert products.dtypes == {torch.bfloat16}, (grad, products.dtypes)
+
+
 def test_tanh_gelu_and_eps_are_configurable():
     model = vitkit.create_model("cifar-mini", gelu="tanh", layer_norm_eps=1e-12, depth=1)
     assert model.blocks[0].mlp.act.approximate == "tanh"

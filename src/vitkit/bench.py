@@ -3,7 +3,9 @@
 Throughput is measured in alternating rounds (vitkit, then the reference, then vitkit ...) in one
 process, so drift in clock speed or background load hits both alike; medians are reported. The
 FLOP count comes from ``torch.utils.flop_counter.FlopCounterMode`` on one real step, and the peak is
-a large fp32 matrix product timed in the same run.
+a large matrix product timed in the same run, in the step's precision: fp32 by default on the CPU,
+bf16 under autocast on CUDA or with ``precision="bf16-mixed"`` (worth it only on CPUs whose bf16
+products outrun fp32, such as AVX-512 EPYCs (Zen 4); on AVX2 ones they are ~100x slower).
 
 The peak is a square product's; a model's products are thinner (one side is its width), so they run
 slower. To tell that apart from everything else a step does, the counted operations of one step are
@@ -31,13 +33,19 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from vitkit.model import VisionTransformer, get_config
 
+BENCH_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as `vitkit train --precision` takes them
 
-def matmul_peak_gflops(device: torch.device, size: int | None = None, repeats: int = 8) -> float:
-    """Best observed fp32 (bf16 on CUDA) matrix-product rate: the ceiling a step is compared with.
+
+def default_precision(device: torch.device) -> str:
+    return "bf16-mixed" if device.type == "cuda" else "32-true"
+
+
+def matmul_peak_gflops(device: torch.device, size: int | None = None, repeats: int = 8,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Best observed matrix-product rate in dtype: the ceiling a step is compared with.
 
     A GPU needs a product of 8192 squared to approach its peak; 2048 already saturates a CPU.
     """
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -72,7 +80,8 @@ def timm_twin(model: VisionTransformer) -> nn.Module:
 class _Step:
     """One training step (forward, loss, backward, AdamW) or one inference forward."""
 
-    def __init__(self, model: nn.Module, batch_size: int, device: torch.device, train: bool) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, device: torch.device, train: bool,
+                 bf16: bool = False) -> None:
         cfg_size = model.patch_embed.img_size
         size = cfg_size if isinstance(cfg_size, int) else cfg_size[0]
         self.model = model.to(device).train(train)
@@ -81,7 +90,7 @@ class _Step:
         self.y = torch.randint(0, model.num_classes, (batch_size,), device=device)
         kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind) if train else None
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
         self.device = device
 
     def __call__(self) -> None:
@@ -197,9 +206,17 @@ def _time_steps(step: Callable[[], None], steps: int, device: torch.device) -> f
 
 
 def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str | None = None, rounds: int = 5,
-                steps: int = 5, compile: bool = False, device: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """Training-step and inference images/s, GFLOP/s, fraction of the matmul peak, peak memory."""
+                steps: int = 5, compile: bool = False, device: str | None = None, precision: str | None = None,
+                **overrides: Any) -> dict[str, Any]:
+    """Training-step and inference images/s, GFLOP/s, fraction of the matmul peak, peak memory.
+
+    precision: "32-true" or "bf16-mixed" (autocast); by default bf16-mixed on CUDA, 32-true on the CPU.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or default_precision(dev)
+    if precision not in BENCH_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(BENCH_PRECISIONS)}")
+    bf16 = precision == "bf16-mixed"
     torch.manual_seed(0)
     ours = VisionTransformer(get_config(name, **overrides))
     models = {"vitkit": ours}
@@ -208,12 +225,13 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
     if compile:
         for model in models.values():
             model.compile()
-    peak = matmul_peak_gflops(dev)
+    peak = matmul_peak_gflops(dev, dtype=torch.bfloat16 if bf16 else torch.float32)
     result: dict[str, Any] = {"model": name, "config": ours.config.to_dict(), "batch_size": batch_size,
-                              "device": str(dev), "threads": torch.get_num_threads(), "rounds": rounds,
+                              "device": str(dev), "precision": precision, "threads": torch.get_num_threads(),
+                              "rounds": rounds,
                               "steps_per_round": steps, "matmul_peak_gflops": peak, "compile": compile}
     for mode in ("train", "infer"):
-        runners = {k: _Step(m, batch_size, dev, train=mode == "train") for k, m in models.items()}
+        runners = {k: _Step(m, batch_size, dev, train=mode == "train", bf16=bf16) for k, m in models.items()}
         # Counted per model: vitkit's forward skips work whose result nothing reads (the last
         # block's patch tokens), so it executes fewer FLOPs than timm for the same logits.
         flops = {k: count_flops(runner) for k, runner in runners.items()}
@@ -264,8 +282,9 @@ def format_result(result: dict[str, Any]) -> str:
     if "pipeline" in result:
         return (f"data pipeline ({result['pipeline']}, batch {result.get('batch_size')}): "
                 f"{result['images_per_s']:.0f} images/s on {result['threads']} thread(s)")
+    dtype = "bf16" if result["precision"] == "bf16-mixed" else "fp32"
     lines = [f"{result['model']} batch {result['batch_size']} on {result['device']} ({result['threads']} threads), "
-             f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
+             f"{result['precision']}, {dtype} matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     for key in ("vitkit", "timm"):
         if key not in result:
             continue

@@ -47,9 +47,10 @@ __all__ = [
 
 def _onednn_applies(x: torch.Tensor) -> bool:
     """Whether x's projections go through oneDNN: eager fp32 inference on the CPU only. Training,
-    tracing and export keep the standard ops."""
+    tracing, export and autocast (which would not cast the private op's operands to bf16) keep the
+    standard ops."""
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def _linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -29,6 +29,7 @@ from vitkit.train.config import MODEL_SETTINGS, TrainConfig
 from vitkit.train.distill import load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
+from vitkit.train.precision import resolve_precision
 from vitkit.weights import load_weights, read_checkpoint, save_vitkit
 
 log = logging.getLogger("vitkit")
@@ -163,8 +164,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     if cfg.compile:
         model.compile()
 
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    precision = resolve_precision(cfg.precision, cuda)
     resolved = cfg.to_dict() | {"classes": classes, "model_config": model.config.to_dict(),
-                                "mean": list(mean), "std": list(std)}
+                                "mean": list(mean), "std": list(std), "precision_used": precision}
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     has_val = len(splits.val) > 0
@@ -192,7 +195,6 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
 
         logger = TensorBoardLogger(run_dir, name="tensorboard")
 
-    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cuda:  # TF32 tensor cores for what runs in fp32 (all of it with --precision 32-true)
         torch.set_float32_matmul_precision("high")
     trainer = L.Trainer(
@@ -200,7 +202,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         devices=int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices,
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
-        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"),
+        precision=precision,
         max_epochs=cfg.epochs if not cfg.time_budget else 10_000,
         max_steps=cfg.max_steps or -1,
         gradient_clip_val=cfg.grad_clip,
