@@ -206,12 +206,12 @@ def test_muon_trains(tmp_path, color_folder):
     assert result.best_val_acc > 0.5  # chance is 1/3
 
 
-@pytest.mark.parametrize("speedup,expected", [(2.2, "bf16-mixed"), (1.2, "32-true"), (0.01, "32-true")])
+@pytest.mark.parametrize("speedup,expected", [(2.2, "bf16-mixed"), (0.55, "32-true"), (0.01, "32-true")])
 def test_precision_auto_trains_in_bf16_only_where_bf16_multiplies_faster(tmp_path, color_folder, monkeypatch,
                                                                          speedup, expected):
-    """"auto" measures the chip (a Zen 4 EPYC multiplies bf16 2.2x as fast as fp32, AVX2 CPUs about
-    0.01x; 1.2x would not pay for the casts); the forward pass runs under autocast exactly when bf16
-    was chosen."""
+    """"auto" measures the chip (a Zen 4 EPYC multiplies bf16 2.2x as fast as fp32, an AVX-512 Xeon
+    without AMX 0.55x, AVX2 CPUs about 0.01x); the forward pass runs under autocast exactly when
+    bf16 was chosen."""
     import vitkit.train.precision as precision
 
     monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
