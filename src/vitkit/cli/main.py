@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from vitkit.allocator import keep_freed_memory
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
 )
@@ -505,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
+        keep_freed_memory()
         return func(args)
     except UsageError as error:
         print(str(error), file=sys.stderr)
