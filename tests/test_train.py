@@ -215,6 +215,7 @@ def test_precision_auto_trains_in_bf16_only_where_bf16_multiplies_faster(tmp_pat
     import vitkit.train.precision as precision
 
     monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+    monkeypatch.setenv(precision.AUTO_CHOICE_ENV, "unset")  # train() exports its choice; restored after
     autocast_seen = set()
 
     class WatchForward(L.Callback):  # during fit only: the final predictions are made in fp32
@@ -230,6 +231,30 @@ def test_precision_auto_trains_in_bf16_only_where_bf16_multiplies_faster(tmp_pat
     result = train(cfg, callbacks=[WatchForward()])
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["precision_used"] == expected
     assert autocast_seen == {expected == "bf16-mixed"}
+
+
+def test_precision_auto_is_measured_once_per_machine(monkeypatch):
+    """The launching process measures and exports its choice; the DDP processes it starts
+    (LOCAL_RANK 1, 2, ...) take that choice instead of timing a product of their own."""
+    import vitkit.train.precision as precision
+
+    monkeypatch.setenv(precision.AUTO_CHOICE_ENV, "unset")  # restored after the test
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 2.0)
+    assert precision.resolve_precision("auto", cuda=False) == "bf16-mixed"
+    assert os.environ[precision.AUTO_CHOICE_ENV] == "bf16-mixed"
+
+    def must_not_measure():
+        raise AssertionError("a launched process measured again")
+
+    monkeypatch.setattr(precision, "bf16_speedup", must_not_measure)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert precision.resolve_precision("auto", cuda=False) == "bf16-mixed"
+    monkeypatch.setenv(precision.AUTO_CHOICE_ENV, "32-true")
+    assert precision.resolve_precision("auto", cuda=False) == "32-true"
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 1.0)  # nothing inherited: measure
+    monkeypatch.delenv(precision.AUTO_CHOICE_ENV)
+    assert precision.resolve_precision("auto", cuda=False) == "32-true"
 
 
 def test_precision_defaults_and_names():
@@ -324,12 +349,16 @@ def test_two_process_ddp_completes(tmp_path, color_folder):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", str(color_folder), "--out", str(out),
                "--model", "cifar-mini", "--img-size", "16", "--depth", "1", "--epochs", "1", "--batch-size", "8",
-               "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--no-progress"]
+               "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--precision", "auto",
+               "--no-progress"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("VITKIT_AUTO_PRECISION", None)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "best.ckpt").is_file() and (out / "model.safetensors").is_file()
     assert "best val_acc" in done.stdout
+    # One measurement for both processes: the second takes the launcher's choice.
+    assert (done.stdout + done.stderr).count("precision auto: bf16 matrix products run") == 1
 
 
 def _simulate_budget(step_seconds, deadline=100.0, steps_per_epoch=50, val_seconds=1.0):

@@ -11,6 +11,7 @@ CPU stays fp32: the same numbers on every CPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -20,6 +21,11 @@ log = logging.getLogger("vitkit")
 # bf16 autocast also pays for casts and runs the norms and softmax in fp32: below this speedup of
 # the products alone, the step would not gain enough to be worth the coarser arithmetic.
 BF16_WORTH = 1.5
+
+# The launching process's choice, for the processes Lightning's DDP launcher starts: each would
+# otherwise time its own product while the others load the cores, and ranks that chose differently
+# would train one model in two precisions.
+AUTO_CHOICE_ENV = "VITKIT_AUTO_PRECISION"
 
 
 def bf16_speedup(size: int = 512, repeats: int = 10) -> float:
@@ -48,15 +54,21 @@ def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int, limit: float) -> 
 
 def resolve_precision(precision: str | None, cuda: bool) -> str:
     """Lightning's precision for this run: bf16-mixed on CUDA and 32-true on the CPU unless set;
-    "auto" on the CPU measures whether bf16 pays on this chip."""
+    "auto" on the CPU measures whether bf16 pays on this chip, once per machine: the processes a
+    launcher starts (LOCAL_RANK 1, 2, ...) take the launcher's choice from the environment. Under
+    torchrun every process measures for itself; pass the precision there."""
     if precision not in (None, "auto"):
         return precision
     if cuda:
         return "bf16-mixed"
     if precision is None:
         return "32-true"
+    inherited = os.environ.get(AUTO_CHOICE_ENV)
+    if inherited in ("bf16-mixed", "32-true") and os.environ.get("LOCAL_RANK", "0") != "0":
+        return inherited  # a DDP process started by a launcher that has measured already
     speedup = bf16_speedup()
     chosen = "bf16-mixed" if speedup >= BF16_WORTH else "32-true"
     log.info("precision auto: bf16 matrix products run %.2fx as fast as fp32 on this CPU; training in %s",
              speedup, chosen)
+    os.environ[AUTO_CHOICE_ENV] = chosen
     return chosen
