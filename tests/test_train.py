@@ -351,8 +351,10 @@ def test_two_process_ddp_completes(tmp_path, color_folder):
                "--model", "cifar-mini", "--img-size", "16", "--depth", "1", "--epochs", "1", "--batch-size", "8",
                "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--precision", "auto",
                "--no-progress"]
+    from vitkit.train.precision import AUTO_CHOICE_ENV
+
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("VITKIT_AUTO_PRECISION", None)
+    env.pop(AUTO_CHOICE_ENV, None)  # as on a fresh shell: the launcher measures
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "best.ckpt").is_file() and (out / "model.safetensors").is_file()
