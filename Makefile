@@ -30,9 +30,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# The lint rules only: the code is wrapped by hand to 120 columns (signatures and short lists on
+# one line, as in vitkit/model/vit.py), which `ruff format` would unfold, so no formatter is enforced.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
