@@ -216,6 +216,23 @@ def test_next_start_removes_stale_temporaries_only(tmp_path):
     assert temporaries(run) == [] and all(p.read_text() == "mine" for p in keep)
 
 
+def test_overwrite_removes_the_old_runs_artefacts(tmp_path):
+    """--overwrite starts over: a new run stopped early must not leave the old model for `vitkit.load`."""
+    from vitkit.train.run import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = [run / name for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv", "model.safetensors",
+                                   "val_predictions.npz")]
+    for path in old:
+        path.write_bytes(b"the previous run")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_run_dir(resolve_config(None, data="unused", out=str(run)), None)
+    assert prepare_run_dir(resolve_config(None, data="unused", out=str(run), overwrite=True), None) == run
+    assert not any(path.exists() for path in old) and (run / "notes.txt").read_text() == "mine"
+
+
 # ---- 2 and 3. stop with SIGTERM / SIGINT, resume in a new process, same result ----------------------
 
 # 90 training images (120 with a quarter held out) in batches of 8: 11 steps an epoch. EMA, label

@@ -66,6 +66,10 @@ def test_load_reproduces_logits_exactly(trained_run):
     assert torch.equal(from_ckpt.logits(x), expected)
     assert torch.equal(from_safetensors.logits(x), expected)
     assert torch.equal(from_dir.logits(x), expected)
+    # The run directory's model carries the run's settings: `vitkit eval` on it scores the run's own
+    # validation split (a quarter here, not the default tenth).
+    assert from_dir.train_config["val_fraction"] == from_ckpt.train_config["val_fraction"] == 0.25
+    assert from_dir.train_config["split_seed"] == from_ckpt.train_config["split_seed"]
 
 
 def test_flip_averaged_evaluation(trained_run, color_folder):
@@ -94,6 +98,30 @@ def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
     assert len(results) == 3 and all(len(r.top_k) == 2 for r in results)
     assert results[0].label == results[1].label == results[2].label
     assert abs(sum(p for _, p in classifier.predict(str(path), top_k=3)[0].top_k) - 1) < 1e-5
+    # Images smaller than the model's 16 pixels, of different sizes, are resized to it and batch together.
+    small = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((8, 8), (12, 10), (40, 16))]
+    assert [classifier.to_tensor(im).shape for im in small] == [(3, 16, 16)] * 3
+    assert len(classifier.predict(small)) == 3
+
+
+def test_accumulated_steps_match_the_schedule(tmp_path, color_folder):
+    """With --accumulate, Lightning also steps on an epoch's last, partial group of batches: the
+    schedule must count those steps, or its cosine reaches the floor before the run ends."""
+    from types import SimpleNamespace
+
+    from vitkit.train.module import ViTClassifier
+
+    # 90 training images in batches of 16: 5 batches an epoch, stepped as 2 + 2 + 1.
+    planned = ViTClassifier.steps_per_epoch(SimpleNamespace(
+        train_size=90, trainer=SimpleNamespace(world_size=1), cfg=SimpleNamespace(batch_size=16, accumulate=2)))
+    assert planned == 3
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, epochs=2, accumulate=2))
+    result = train(cfg)
+    assert result.steps_done == 2 * planned
+    logged = read_rows(result.run_dir / "steps.csv")  # every 10th step: none in 6, but the first (step 0)
+    assert [int(r["step"]) for r in logged] == [0]
+    assert float(logged[0]["train_loss"]) == pytest.approx(math.log(3), abs=0.3)  # the batch's loss, not half
 
 
 def test_schedule_and_parameter_groups():
@@ -265,6 +293,8 @@ def test_precision_defaults_and_names():
     assert resolve_precision("32-true", cuda=True) == "32-true"
     with pytest.raises(ValueError, match=r"precision='bf16': must be one of .*'bf16-mixed'"):
         resolve_config(None, data="unused", precision="bf16")
+    with pytest.raises(ValueError, match=r"precision='bf16-true': must be one of"):  # would cast the weights only
+        resolve_config(None, data="unused", precision="bf16-true")
 
 
 def test_every_shipped_recipe_resolves_to_a_valid_model():

@@ -172,12 +172,21 @@ def test_hf_classifier_in_and_out(tmp_path):
         assert max_diff(model(x), reference(pixel_values=x).logits) <= 1e-5
 
     classes = [f"class_{i}" for i in range(5)]
-    export(model, tmp_path / "hf_out", "hf", classes=classes, mean=[0.5] * 3, std=[0.5] * 3)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    export(model, tmp_path / "hf_out", "hf", classes=classes, mean=mean, std=std)
     again = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf_out").eval()
     with torch.no_grad():
         assert max_diff(again(pixel_values=x).logits, reference(pixel_values=x).logits) <= 1e-5
     assert again.config.id2label[3] == "class_3"
     assert again.config.layer_norm_eps == 1e-12
+
+    # vitkit.load (eval, predict, convert) on the folder reads its JSON: 4 heads (width 64 alone would
+    # give 1), class names and normalisation; the folder's model.safetensors alone would lose them.
+    classifier = vitkit.load(tmp_path / "hf_out")
+    assert classifier.config.num_heads == 4 and classifier.classes == classes
+    assert classifier.mean == pytest.approx(tuple(mean)) and classifier.std == pytest.approx(tuple(std))
+    with torch.no_grad():
+        assert max_diff(classifier.model(x), reference(pixel_values=x).logits) <= 1e-5
 
 
 def test_hf_backbone_drops_pooler_and_keeps_new_head(tmp_path):
@@ -478,6 +487,8 @@ def test_truncated_and_oversized_safetensors(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=r"cut\.safetensors: tensor '.*' ends at byte .* truncated"):
         load_weights(small_model(), tmp_path / "cut.safetensors")
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: tensor '.*' ends at byte .* truncated"):
+        vitkit.load(tmp_path / "cut.safetensors")  # vitkit eval / predict: named, not safetensors' own error
     (tmp_path / "huge.safetensors").write_bytes((8 * 1024**3).to_bytes(8, "little") + b'{"a": 1}')
     with pytest.raises(WeightsError, match=r"huge\.safetensors: the safetensors header claims 8,589,934,592 bytes"):
         read_checkpoint(tmp_path / "huge.safetensors")
@@ -487,6 +498,10 @@ def test_truncated_and_oversized_safetensors(tmp_path):
     (tmp_path / "noise.pth").write_bytes(os.urandom(256))
     with pytest.raises(WeightsError, match=r"noise\.pth"):
         load_weights(small_model(), tmp_path / "noise.pth")
+    with open(tmp_path / "one.npz", "wb") as handle:  # np.save's .npy format under an .npz name
+        np.save(handle, np.zeros(3))
+    with pytest.raises(WeightsError, match=r"one\.npz: holds a single array"):
+        read_checkpoint(tmp_path / "one.npz")
 
 
 def test_missing_unexpected_and_misshapen_keys_leave_model_untouched(tmp_path):

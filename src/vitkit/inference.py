@@ -1,8 +1,9 @@
 """A trained classifier in one object: ``vitkit.load(path).predict(images)``.
 
 ``load`` takes a run directory, a training checkpoint (.ckpt), a vitkit ``.safetensors`` file, or
-weights in another format (timm, Hugging Face, .npz; class names are then unknown). Checkpoints
-are read without unpickling code.
+weights in another format (a timm or Hugging Face folder or file, .npz; class names and
+normalisation come from the folder's JSON where it has them; else the classes are unknown and
+the original ViT's mean and std of 0.5 are assumed). Checkpoints are read without unpickling code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 from vitkit.data import VIT_MEAN, VIT_STD, ImageSet, load_image, preprocess
 from vitkit.model import VisionTransformer, ViTConfig, flip_averaged_log_probs
-from vitkit.weights import config_from_weights, load_vitkit, load_weights, read_checkpoint
+from vitkit.weights import load_model, load_vitkit, read_checkpoint
+from vitkit.weights.io import check_safetensors_header
 
 ImageLike = str | os.PathLike | np.ndarray | torch.Tensor | Any  # Any: a PIL image
 
@@ -102,9 +104,10 @@ class Classifier:
 
 
 def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (if larger) and crop the centre square."""
+    """Resize the shorter side to ``size`` and crop the centre square: (3, size, size), whatever the
+    input's size, so that images of different sizes stack into one batch."""
     _, h, w = image.shape
-    if min(h, w) > size:
+    if min(h, w) != size:
         scale = size / min(h, w)
         h, w = max(size, round(h * scale)), max(size, round(w * scale))
         image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True,
@@ -114,17 +117,18 @@ def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + side, left : left + side]
 
 
-def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str = "cpu",
-         weights: str = "eval") -> Classifier:
+def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str = "cpu") -> Classifier:
     """Load a classifier from a run directory, checkpoint, or weights file (see module doc)."""
     path = Path(path)
-    if path.is_dir():
+    # A folder with a config.json holds Hugging Face or timm hub weights, read as a whole (the JSON
+    # gives heads, class names and normalisation); any other folder is a vitkit run directory.
+    if path.is_dir() and not (path / "config.json").is_file():
         for name in ("model.safetensors", "best.ckpt", "last.ckpt"):
             if (path / name).is_file():
                 return load(path / name, trust_checkpoint=trust_checkpoint, device=device)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no model.safetensors, best.ckpt or last.ckpt")
-    elif not path.exists():
+        raise FileNotFoundError(f"{path} holds no model.safetensors, best.ckpt or last.ckpt (a vitkit run) and "
+                                "no config.json (Hugging Face or timm hub weights)")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".ckpt":
         return _from_training_checkpoint(path, trust_checkpoint).to(device)
@@ -133,18 +137,15 @@ def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str
         if meta is not None:
             model, meta = load_vitkit(path)
             return Classifier(model, meta.get("classes"), meta.get("mean") or VIT_MEAN, meta.get("std") or VIT_STD,
-                              source=str(path)).to(device)
-    config = config_from_weights(path)
-    model = VisionTransformer(config)
-    load_weights(model, path, strict_head=True, trust_checkpoint=trust_checkpoint)
-    return Classifier(model, source=str(path)).to(device)
+                              train_config=(meta.get("extra") or {}).get("train"), source=str(path)).to(device)
+    model, meta = load_model(path, strict_head=True, trust_checkpoint=trust_checkpoint)
+    return Classifier(model, meta["classes"], meta["mean"] or VIT_MEAN, meta["std"] or VIT_STD,
+                      source=str(path)).to(device)
 
 
 def _vitkit_metadata(path: Path) -> dict | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
+    """The file's vitkit metadata, or None for other safetensors; a truncated file is named as such."""
+    _, meta = check_safetensors_header(path)
     return meta if "config" in meta else None
 
 

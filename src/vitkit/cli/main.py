@@ -136,7 +136,8 @@ def build_parser() -> Parser:
     t.add_argument("--layer-decay", type=positive_float, help="layer-wise lr decay, e.g. 0.75")
     t.add_argument("--freeze", choices=["none", "backbone"], help="backbone: linear probe")
     t.add_argument("--trust-checkpoint", action="store_true", default=None,
-                   help="allow pickled code in --init/--resume files (unsafe)")
+                   help="allow pickled code in --init files (unsafe); --resume reads vitkit's own checkpoints, "
+                        "which need none")
     t.add_argument("--resume", help="run directory or checkpoint to continue")
     t.add_argument("--seed", type=int)
     t.add_argument("--deterministic", action="store_true", default=None)
@@ -159,7 +160,8 @@ def build_parser() -> Parser:
     e.add_argument("--checkpoint", required=True, help="run directory, .ckpt or .safetensors")
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=["val", "test", "all"], default="val",
-                   help="val: the run's held-out split (default); test: the folder's test/; all: every image")
+                   help="val: the run's held-out split (default); test: the folder's test/; all: every training image, "
+                        "none held out")
     e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--tta-flip", action="store_true", help="average each image's and its mirror's predictions")
     e.add_argument("--json", action="store_true")
@@ -204,7 +206,7 @@ def build_parser() -> Parser:
     b = sub.add_parser("bench", help="training/inference throughput (or `bench data` for the input pipeline)")
     b.add_argument("target", nargs="?", choices=["model", "data"], default="model")
     b.add_argument("--model", default="cifar-tiny")
-    b.add_argument("--batch-size", type=positive_int, default=128)
+    b.add_argument("--batch-size", type=positive_int, help="default 128 for a model, 256 for `bench data`")
     b.add_argument("--against", choices=["timm"], help="time timm's identical model in the same run")
     b.add_argument("--rounds", type=positive_int, default=5)
     b.add_argument("--steps", type=positive_int, default=5, help="steps per round")
@@ -225,7 +227,7 @@ def build_parser() -> Parser:
     n = sub.add_parser("inspect", help="the paper's Figure 7 for a checkpoint")
     n.add_argument("checkpoint")
     n.add_argument("-o", "--out", required=True)
-    n.add_argument("--data", help="images for the attention distances (default: the run's data or noise)")
+    n.add_argument("--data", help="images for the attention distances (default: random noise images)")
     n.add_argument("--trust-checkpoint", action="store_true")
     n.set_defaults(func=cmd_inspect)
 
@@ -433,10 +435,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from vitkit import bench
 
     if args.target == "data":
-        result = bench.bench_data(args.data, batch_size=args.batch_size if args.batch_size != 128 else 256)
+        result = bench.bench_data(args.data, batch_size=args.batch_size or 256)
         print(json.dumps(result) if args.json else bench.format_result(result))
         return 0
-    result = bench.bench_model(args.model, batch_size=args.batch_size, against=args.against, rounds=args.rounds,
+    result = bench.bench_model(args.model, batch_size=args.batch_size or 128, against=args.against, rounds=args.rounds,
                                steps=args.steps, compile=args.compile, precision=args.precision)
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0

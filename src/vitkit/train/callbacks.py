@@ -187,9 +187,13 @@ class MetricsTable(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none for a skipped step
-        if trainer.global_step % self.every == 0 and loss is not None:
-            self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                               "train_loss": float(loss), "lr": _lr(trainer)})
+        if trainer.global_step % self.every or loss is None:
+            return
+        if self.steps and self.steps[-1]["step"] == trainer.global_step:  # --accumulate: one row a step
+            return
+        # Lightning hands back the loss divided by the accumulation count; the row shows the batch's own.
+        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                           "train_loss": float(loss) * trainer.accumulate_grad_batches, "lr": _lr(trainer)})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
-# Lightning's precisions, and "auto": bf16-mixed where the machine multiplies bf16 faster (train.precision).
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+# Lightning's precisions that keep fp32 weights, and "auto": bf16-mixed where the machine multiplies bf16
+# faster (train.precision). Lightning's "-true" precisions other than 32 are left out: they cast the weights,
+# and the fp32 images that preprocessing makes would meet them in the first layer with a dtype mismatch.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 AUGMENT_KEYS = {
     "crop_padding", "random_resized_crop", "rrc_scale", "hflip", "auto_augment", "randaugment_n",

@@ -141,7 +141,7 @@ class ViTClassifier(L.LightningModule):
         resumed run's loader state is restored, and the restore is then skipped.
         """
         batches = (self.train_size // self.trainer.world_size) // self.cfg.batch_size
-        return max(1, batches // self.cfg.accumulate)
+        return max(1, -(-batches // self.cfg.accumulate))  # Lightning also steps on an epoch's last, partial group
 
     def total_steps(self) -> int:
         """Optimizer steps the schedule spans: a time budget's plan, else epochs (or max_steps)."""

@@ -2,7 +2,7 @@
 
 The run directory holds ``best.ckpt`` (best validation accuracy), ``last.ckpt``, ``config.yaml``
 (the resolved settings), ``metrics.csv``/``steps.csv``, ``model.safetensors`` (the evaluated weights
-with config, class names and normalisation) and ``val_predictions.npz`` (for the report).
+with config, class names, normalisation and the training settings) and ``val_predictions.npz`` (for the report).
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
         raise PermissionError(f"cannot create the run directory {run_dir} ({e.strerror}); choose another --out") from e
     if not os.access(run_dir, os.W_OK):
         raise PermissionError(f"run directory {run_dir} is not writable; choose another --out")
-    if existing and resume is None:
-        for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv"):
+    if existing and resume is None:  # an interrupted new run must not leave the old one's model to load
+        for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv", "model.safetensors",
+                     "val_predictions.npz"):
             (run_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
@@ -241,7 +242,10 @@ def finish_run(run_dir: Path, best_path: Path, module: ViTClassifier, splits: An
     weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     model = VisionTransformer(module.model.config).eval()
     model.load_state_dict(weights)
-    save_vitkit(run_dir / "model.safetensors", model, classes=classes, mean=mean, std=std)
+    # The training config travels along: `vitkit eval` on the run directory needs its validation
+    # split (val_fraction, split_seed) to score the images the run held out and no others.
+    save_vitkit(run_dir / "model.safetensors", model, classes=classes, mean=mean, std=std,
+                extra={"train": module.cfg.to_dict()})
     if len(splits.val) == 0:
         return
     module.to("cpu").eval()  # fit leaves the module in training mode: dropout and patch dropout on

@@ -15,6 +15,7 @@ from vitkit.weights.io import read_checkpoint
 from vitkit.weights.load import (
     config_from_weights,
     detect_format,
+    load_model,
     load_vitkit,
     load_weights,
     read_state_dict,
@@ -31,6 +32,7 @@ __all__ = [
     "convert",
     "detect_format",
     "export",
+    "load_model",
     "load_vitkit",
     "load_weights",
     "read_checkpoint",

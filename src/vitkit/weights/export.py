@@ -21,7 +21,7 @@ from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config
 from vitkit.weights.errors import WeightsError, preview
 from vitkit.weights.formats import vitkit_to_hf
-from vitkit.weights.load import Source, _config_from_source, _resolve, load_weights, save_vitkit
+from vitkit.weights.load import Source, load_model, save_vitkit
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,8 @@ def convert(
     Class names and normalisation travel along when the source has them (vitkit metadata, Hugging
     Face config.json/preprocessor_config.json, timm hub config.json).
     """
-    source = _resolve(src, trust_checkpoint)
-    cfg = _config_from_source(source, name, overrides)
-    model = VisionTransformer(cfg)
-    load_weights(model, source)
-    model.eval()
-    hints = source.hints
-    classes = hints.get("classes")
-    if classes is not None and len(classes) != cfg.num_classes:
-        classes = None  # the head was replaced: the names no longer apply
-    return export(model, dst, to, classes=classes, mean=hints.get("mean"), std=hints.get("std"),
+    model, meta = load_model(src, name=name, trust_checkpoint=trust_checkpoint, **overrides)
+    return export(model, dst, to, classes=meta["classes"], mean=meta["mean"], std=meta["std"],
                   timm_name=timm_name or name)
 
 

@@ -188,10 +188,10 @@ def _read_npz(path: Path) -> dict[str, Any]:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:  # allow_pickle=False: nothing runs; any failure means a corrupt file
         raise WeightsError(f"{path}: cannot open as .npz ({e}); the file is corrupt or not a NumPy archive") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy named .npz (a plain array is no context manager)
+        raise WeightsError(f"{path}: holds a single array, not the named arrays of a checkpoint")
     out: dict[str, Any] = {}
     with npz:
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise WeightsError(f"{path}: holds a single array, not the named arrays of a checkpoint")
         for key in npz.files:
             try:
                 array = npz[key]

@@ -242,6 +242,25 @@ def config_from_weights(
     return _config_from_source(_resolve(source, trust_checkpoint), name, overrides)
 
 
+def load_model(
+    source: Source, *, name: str | None = None, strict_head: bool = False, trust_checkpoint: bool = False,
+    **overrides: Any
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A model rebuilt from weights of any format (:func:`config_from_weights` + :func:`load_weights`),
+    in eval mode, and what the source says about using it: ``{"classes", "mean", "std"}``, each None
+    where it says nothing (vitkit metadata, Hugging Face config.json and preprocessor_config.json,
+    timm's hub config.json). Class names are None when ``overrides`` gave the model another head.
+    """
+    src = _resolve(source, trust_checkpoint)
+    cfg = _config_from_source(src, name, overrides)
+    model = VisionTransformer(cfg)
+    load_weights(model, src, strict_head=strict_head)
+    classes = src.hints.get("classes")
+    if classes is not None and len(classes) != cfg.num_classes:
+        classes = None  # the head was replaced: the names no longer apply
+    return model.eval(), {"classes": classes, "mean": src.hints.get("mean"), "std": src.hints.get("std")}
+
+
 def _config_from_source(src: _Source, name: str | None, overrides: dict[str, Any]) -> ViTConfig:
     label, sd, hints = src.label, src.state_dict, src.hints
     if isinstance(hints.get("config"), dict):  # a vitkit file knows its own config
