@@ -233,6 +233,28 @@ def test_overwrite_removes_the_old_runs_artefacts(tmp_path):
     assert not any(path.exists() for path in old) and (run / "notes.txt").read_text() == "mine"
 
 
+def test_stop_waits_for_the_accumulated_step(tmp_path):
+    """With --accumulate 2 a signal after the group's first batch stops after its second, where the
+    optimizer has stepped: the checkpoint then holds every batch the resumed run will not see again."""
+    from types import SimpleNamespace
+
+    from vitkit.train import TrainingInterrupted
+    from vitkit.train.callbacks import GracefulStop
+
+    stop = GracefulStop(tmp_path / "last.ckpt")
+    stop.received = signal.SIGTERM
+    saved = []
+    progress = SimpleNamespace(is_last_batch=False, current=SimpleNamespace(ready=5))
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, save_checkpoint=saved.append,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    stop.on_train_batch_end(trainer)  # the fifth batch: the third group's first
+    assert saved == []
+    progress.current.ready = 6
+    with pytest.raises(TrainingInterrupted):
+        stop.on_train_batch_end(trainer)
+    assert saved == [tmp_path / "last.ckpt"]
+
+
 # ---- 2 and 3. stop with SIGTERM / SIGINT, resume in a new process, same result ----------------------
 
 # 90 training images (120 with a quarter held out) in batches of 8: 11 steps an epoch. EMA, label

@@ -7,6 +7,7 @@ The .npz files are written here from a known vitkit model by an independent inve
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -390,7 +391,7 @@ def test_export_timm_loads_strict_in_timm(tmp_path):
         assert max_diff(reference(x), small(x)) <= 1e-5
 
 
-def test_export_onnx_dynamic_batch(tmp_path):
+def test_export_onnx_dynamic_batch(tmp_path, monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = small_model()
@@ -403,6 +404,15 @@ def test_export_onnx_dynamic_batch(tmp_path):
         with torch.no_grad():
             assert max_diff(torch.from_numpy(got), model(x)) <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+    # A model whose weights go to an external file (over 2 GB; here any) and that fails the check
+    # leaves nothing behind, as the error says.
+    export_module = importlib.import_module("vitkit.weights.export")  # the package's `export` is the function
+    monkeypatch.setattr(export_module, "_ONNX_INLINE_LIMIT", 0)
+    monkeypatch.setattr(export_module, "ONNX_ATOL", -1.0)
+    with pytest.raises(WeightsError, match="nothing was written"):
+        export(model, tmp_path / "big" / "model.onnx", "onnx")
+    assert list((tmp_path / "big").iterdir()) == []
 
 
 def test_vitkit_format_roundtrip(tmp_path):

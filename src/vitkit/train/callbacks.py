@@ -57,7 +57,9 @@ class TrainingInterrupted(Exception):
 class GracefulStop(L.Callback):
     """SIGTERM/SIGINT: finish the current step, write last.ckpt, leave with 143/130.
 
-    On an epoch's last batch the stop waits for the epoch's validation and its checkpoint, so the
+    With --accumulate the stop waits for the group's optimizer step: a checkpoint cannot hold the
+    gradients summed so far, and a resumed run would start the group over on the next batch. On an
+    epoch's last batch the stop waits for the epoch's validation and its checkpoint, so the
     resumed run starts cleanly at the next epoch. A second signal while the checkpoint is written is
     ignored (the write is atomic anyway).
     """
@@ -88,8 +90,11 @@ class GracefulStop(L.Callback):
         received = self._agreed_signal(trainer)
         if not received or self._stop_at_epoch_end:
             return
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:
             self._stop_at_epoch_end = received
+            return
+        if progress.current.ready % trainer.accumulate_grad_batches:  # mid-group: no step taken yet
             return
         trainer.save_checkpoint(self.checkpoint)
         raise TrainingInterrupted(received, self.checkpoint)

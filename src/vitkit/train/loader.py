@@ -71,7 +71,8 @@ class TrainBatches:
             yield images, labels, torch.tensor([self.epoch, start + offset])
 
     def mark_completed(self, index_in_epoch: int) -> None:
-        """Called after the optimizer step of a batch; what a checkpoint records."""
+        """Called by a batch's training step: what a checkpoint records. Checkpoints are taken only
+        once a batch's optimizer step is done (GracefulStop, epoch ends), so the count is then exact."""
         self.completed = index_in_epoch + 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -285,7 +285,12 @@ def _export_onnx(model: VisionTransformer, dst: Path) -> Path:
     if external:  # the data file is named after the model file, so it is written in place
         log.info("%s: weights above 2 GB go to an external data file beside it", dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write(str(dst))
+        try:
+            write(str(dst))
+        except WeightsError:  # not faithful: remove what was written, as the message says
+            dst.unlink(missing_ok=True)
+            dst.with_name(dst.name + ".data").unlink(missing_ok=True)  # the exporter's name for the data file
+            raise
     else:
         with atomic_path(dst, suffix=".tmp.onnx") as tmp:
             write(str(tmp))
