@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from vitkit import bench
 from vitkit.bench import _Step, bench_model, count_flops, format_result, products_alone
 from vitkit.model import VisionTransformer, get_config
 
@@ -23,7 +26,9 @@ def test_products_alone_replays_exactly_the_operations_the_flop_count_counts(tra
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_bench_reports_both_models_and_their_ceilings(precision):
+def test_bench_reports_both_models_and_their_ceilings(precision, monkeypatch):
+    # A small peak product: an AVX2 CPU emulates bf16, and its 2048-square one takes ~10 s.
+    monkeypatch.setattr(bench, "matmul_peak_gflops", functools.partial(bench.matmul_peak_gflops, size=256))
     result = bench_model("cifar-mini", batch_size=4, against="timm", rounds=1, steps=1, precision=precision,
                          depth=1, img_size=16)
     assert result["precision"] == precision
@@ -41,3 +46,24 @@ def test_bench_reports_both_models_and_their_ceilings(precision):
 def test_bench_refuses_an_unknown_precision():
     with pytest.raises(ValueError, match="'16-mixed' is not one of 32-true, bf16-mixed"):
         bench_model("cifar-mini", precision="16-mixed", depth=1, img_size=16)
+
+
+def test_the_peak_stops_repeating_slow_products(monkeypatch):
+    """Two products, then no more once `seconds` have passed: bf16 on an AVX2 CPU is ~100x slower."""
+
+    class Clock:  # every reading a second later
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
+    syncs = []
+    monkeypatch.setattr(bench, "time", Clock)
+    monkeypatch.setattr(bench, "_sync", syncs.append)  # called before and after each product
+    bench.matmul_peak_gflops(CPU, size=8, repeats=8, seconds=0.5)
+    assert len(syncs) == 2 * 2
+    syncs.clear()
+    bench.matmul_peak_gflops(CPU, size=8, repeats=8, seconds=100.0)
+    assert len(syncs) == 2 * 8

@@ -220,20 +220,63 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
         vitkit.create_model("cifar-mini", stem_depth=2)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["oneDNN", "BLAS"])
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
-def test_inference_path_equals_the_training_path(gelu):
+def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     """Inference on the CPU runs the projections through oneDNN with the bias and GELU fused in
-    (see vit._linear_weights); it must compute what the autograd path computes, for either GELU."""
+    where that is faster (see vit._linear_weights), else through BLAS with an in-place GELU; either
+    must compute what the autograd path computes, for either GELU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitkit.model import vit
+
+    if fused and not vit._ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    assert vit.cpu_inference_projections() in ("oneDNN", "BLAS")  # the probe runs
+    monkeypatch.setattr(vit, "onednn_linear_pays", lambda: fused)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", gelu=gelu, depth=2).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)
     assert model.blocks[0].mlp.act.approximate == ("tanh" if gelu == "tanh" else "none")
     x = torch.randn(3, 3, 32, 32)
-    with torch.inference_mode():
+    with torch.inference_mode(), Ops() as ops:
         inferred = model(x)
+    assert ("mkldnn._linear_pointwise" in ops.names) == fused, ops.names
     trained = model(x)
     assert trained.requires_grad
     assert torch.allclose(inferred, trained.detach(), atol=1e-5)
+
+
+def test_the_projection_probe_is_not_counted_as_the_models_work():
+    """The first CPU inference times oneDNN against BLAS (vit.onednn_linear_pays); a FLOP counter
+    around that first call must see the model's products only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitkit.model import vit
+
+    model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    counts = []
+    vit.onednn_linear_pays.cache_clear()
+    try:
+        for _ in range(2):
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), counter:
+                model(x)
+            counts.append(counter.get_total_flops())
+    finally:
+        vit.onednn_linear_pays.cache_clear()
+    assert counts[0] == counts[1] > 0
 
 
 def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():

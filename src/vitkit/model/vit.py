@@ -15,12 +15,15 @@ This module imports nothing else of vitkit's but its config: checkpoint formats 
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes  # private; see onednn_linear_pays
 
 from vitkit.model.config import ViTConfig
 
@@ -46,11 +49,58 @@ __all__ = [
 
 
 def _onednn_applies(x: torch.Tensor) -> bool:
-    """Whether x's projections go through oneDNN: eager fp32 inference on the CPU only. Training,
-    tracing, export and autocast (which would not cast the private op's operands to bf16) keep the
-    standard ops."""
+    """Whether x's projections go through oneDNN: eager fp32 inference on the CPU only, where this
+    CPU runs them faster that way. Training, tracing, export and autocast (which would not cast the
+    private op's operands to bf16) keep the standard ops."""
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and onednn_linear_pays())
+
+
+def cpu_inference_projections() -> str:
+    """Which path eager fp32 CPU inference takes for the blocks' projections: "oneDNN" or "BLAS"."""
+    return "oneDNN" if _ONEDNN_LINEAR and onednn_linear_pays() else "BLAS"
+
+
+@functools.cache
+def onednn_linear_pays(rows: int = 2048, dim: int = 192, hidden: int = 768, repeats: int = 5) -> bool:
+    """Whether oneDNN's fused projections (see _linear_weights) beat PyTorch's BLAS path on this CPU,
+    timed once per process (about 0.1 s) on an MLP's two projections, GELU included.
+
+    It depends on the chip, not on its flags. With oneDNN, 2 cores of one AVX2 EPYC (matmul peak
+    105-135 GFLOP/s) inferred 1.45x as fast as timm, an AVX-512 Xeon and a Zen 4 EPYC 1.2-1.4x; on a
+    Zen 3 EPYC, also AVX2 (peak 184), oneDNN's products ran at 140-148 GFLOP/s against BLAS's 172-175
+    and its GELU epilogue cost more than a separate pass: the MLP took 1.3x as long, and inference fell
+    from 1.15x timm's with BLAS to 0.95x.
+    """
+    # Out of any dispatch mode the first inference call runs under: a FLOP counter would count the
+    # probe as the model's work, a fake-tensor mode would time nothing and fix the choice for good.
+    with _disable_current_modes():
+        return _time_fused_and_blas(rows, dim, hidden, repeats)
+
+
+def _time_fused_and_blas(rows: int, dim: int, hidden: int, repeats: int) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=g, device="cpu")
+    w1, b1 = torch.randn(hidden, dim, generator=g, device="cpu") * dim**-0.5, torch.zeros(hidden, device="cpu")
+    w2, b2 = torch.randn(dim, hidden, generator=g, device="cpu") * hidden**-0.5, torch.zeros(dim, device="cpu")
+
+    def fused() -> torch.Tensor:
+        h = torch.ops.mkldnn._linear_pointwise(x, w1, b1, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+
+    def blas() -> torch.Tensor:
+        return F.linear(torch.ops.aten.gelu_(F.linear(x, w1, b1)), w2, b2)
+
+    best = {fused: float("inf"), blas: float("inf")}
+    with torch.inference_mode():
+        for mlp in best:  # warm-up: oneDNN builds its kernels on the first call
+            mlp()
+        for _ in range(repeats):  # alternating, so a slow moment of the machine hits both
+            for mlp in best:
+                start = time.perf_counter()
+                mlp()
+                best[mlp] = min(best[mlp], time.perf_counter() - start)
+    return best[fused] < best[blas]
 
 
 def _linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -61,7 +111,8 @@ def _linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     PyTorch's BLAS path first copies the bias into every output row, multiplies, and then reads and
     writes the hidden activations once more for the GELU. The fused bias made inference of a CIFAR
     ViT 12-16% faster on 2 cores of an AVX2 EPYC; the fused GELU and the attention output projection
-    added 5% on an AVX-512 Xeon (the same results up to fp32 rounding).
+    added 5% on an AVX-512 Xeon (the same results up to fp32 rounding). On CPUs where it is slower
+    (onednn_linear_pays), the BLAS path stays.
     """
     if _onednn_applies(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none" if gelu is None else "gelu", [], gelu or "")
