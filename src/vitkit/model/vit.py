@@ -52,19 +52,20 @@ def _onednn_applies(x: torch.Tensor) -> bool:
     """Whether x's projections go through oneDNN: eager fp32 inference on the CPU only, where this
     CPU runs them faster that way. Training, tracing, export and autocast (which would not cast the
     private op's operands to bf16) keep the standard ops."""
-    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and onednn_linear_pays())
 
 
 def cpu_inference_projections() -> str:
     """Which path eager fp32 CPU inference takes for the blocks' projections: "oneDNN" or "BLAS"."""
-    return "oneDNN" if _ONEDNN_LINEAR and onednn_linear_pays() else "BLAS"
+    return "oneDNN" if onednn_linear_pays() else "BLAS"
 
 
 @functools.cache
 def onednn_linear_pays() -> bool:
     """Whether oneDNN's fused projections (see _linear_weights) beat PyTorch's BLAS path on this CPU,
-    timed once per process (about 0.1 s) on an MLP's two projections, GELU included.
+    timed once per process (about 0.1 s) on an MLP's two projections, GELU included; False where
+    this PyTorch build lacks the op.
 
     It depends on the chip, not on its flags. With oneDNN, 2 cores of one AVX2 EPYC (matmul peak
     105-135 GFLOP/s) inferred 1.45x as fast as timm, an AVX-512 Xeon and a Zen 4 EPYC 1.2-1.4x; on a
@@ -72,6 +73,8 @@ def onednn_linear_pays() -> bool:
     and its GELU epilogue cost more than a separate pass: the MLP took 1.3x as long, and inference fell
     from 1.15x timm's with BLAS to 0.95x.
     """
+    if not _ONEDNN_LINEAR:
+        return False
     # Out of any dispatch mode the first inference call runs under: a FLOP counter would count the
     # probe as the model's work, a fake-tensor mode would time nothing and fix the choice for good.
     with _disable_current_modes():
