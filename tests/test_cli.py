@@ -53,6 +53,8 @@ BAD_INVOCATIONS = [
     ("train-empty-class-folder", "train --data {empty} --out {out}", ["empty"]),
     ("eval-missing-checkpoint", "eval --checkpoint {missing}.ckpt --data {data}", ["does-not-exist"]),
     ("eval-other-classes", "eval --checkpoint {ckpt} --data {other} --split all", ["cyan"]),
+    ("eval-shift-not-positive", "eval --checkpoint {ckpt} --data {data} --tta-shift -2", ["--tta-shift", "-2"]),
+    ("eval-shift-past-the-image", "eval --checkpoint {ckpt} --data {data} --tta-shift 16", ["16x16", "--tta-shift"]),
     ("predict-missing-image", "predict --checkpoint {ckpt} {missing}.png", ["does-not-exist"]),
     ("predict-not-an-image", "predict --checkpoint {ckpt} {text_jpg}", ["notes.jpg"]),
     ("predict-top-k-zero", "predict --checkpoint {ckpt} --top-k 0 {text_jpg}", ["--top-k"]),

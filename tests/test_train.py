@@ -88,6 +88,51 @@ def test_flip_averaged_evaluation(trained_run, color_folder):
     assert plain["images"] == flipped["images"] == 120 and flipped["top1"] > 0.5
 
 
+def test_shift_image_moves_content_and_fills_the_border():
+    from vitkit.inference import shift_image
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    fill = torch.tensor([-1.0, -2.0, -3.0])
+    down_left = shift_image(x, 1, -2, fill)
+    assert torch.equal(down_left[..., 1:, :3], x[..., :3, 2:])
+    assert torch.equal(down_left[..., 0, :], fill.view(1, 3, 1).expand(2, 3, 5))
+    assert torch.equal(down_left[..., :, 3:], fill.view(1, 3, 1, 1).expand(2, 3, 4, 2))
+    assert torch.equal(shift_image(x, 0, 0, fill), x)
+    with pytest.raises(ValueError, match="4x5 image"):
+        shift_image(x, 4, 0, fill)
+
+
+def test_shift_averaged_evaluation(trained_run, color_folder, capsys):
+    """--tta-shift: the mean probabilities of the image moved by -2, 0 and +2 pixels along each axis, the
+    border black as training's padded crops leave it (built here by padding the uint8 image with zeros)."""
+    import json
+
+    import torch.nn.functional as F
+
+    from vitkit.cli.main import main
+
+    classifier = vitkit.load(trained_run.run_dir)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    padded = F.pad(x, (2, 2, 2, 2))
+    views = [padded[..., 2 + dy : 18 + dy, 2 + dx : 18 + dx] for dy in (-2, 0, 2) for dx in (-2, 0, 2)]
+    views += [view.flip(-1) for view in views]
+    expected = torch.stack([classifier.logits(view).softmax(-1) for view in views]).mean(0).log()
+    assert torch.allclose(classifier.logits(x, tta_flip=True, tta_shift=2), expected, atol=1e-5)
+    assert torch.allclose(classifier.logits(x, tta_shift=2),
+                          torch.stack([classifier.logits(v).softmax(-1) for v in views[:9]]).mean(0).log(), atol=1e-5)
+
+    from vitkit.data import load_splits
+
+    images = load_splits(str(color_folder), val_fraction=0.0).train
+    shifted = vitkit.evaluate(classifier, images, tta_flip=True, tta_shift=2)
+    assert shifted["images"] == 120 and shifted["top1"] > 0.5
+    argv = ["eval", "--checkpoint", str(trained_run.run_dir), "--data", str(color_folder), "--split", "all",
+            "--tta-flip", "--tta-shift", "2", "--json"]
+    assert main(argv) == 0
+    reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reported["tta_shift"] == 2 and reported["top1"] == pytest.approx(shifted["top1"])
+
+
 def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
     from PIL import Image
 

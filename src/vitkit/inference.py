@@ -80,10 +80,26 @@ class Classifier:
         return center_square(tensor, self.config.img_size)
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-        """Logits of a uint8 batch; with tta_flip, log of the image's and its mirror's mean probabilities."""
+    def logits(self, images: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
+        """Logits of a uint8 batch, or with test-time augmentation the log of its views' mean
+        probabilities (which cross-entropy and argmax read as logits).
+
+        tta_flip adds each view's mirror image. tta_shift moves the image by that many pixels (at
+        the model's resolution) along each axis, every combination of -shift, 0 and +shift: nine
+        views. The uncovered border is black, as training's padded crops leave it. The fill
+        matters: on CIFAR-10, 2-pixel shifts and flips lifted a pure ViT from 79.1% to 81.0%, and
+        the same views with the border at the mean colour gave 79.4%.
+        """
         x = self.preprocess(images)
-        return flip_averaged_log_probs(self.model, x) if tta_flip else self.model(x)
+        if not tta_shift:
+            return flip_averaged_log_probs(self.model, x) if tta_flip else self.model(x)
+        steps = (-tta_shift, 0, tta_shift)
+        black = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device)
+        views = (shift_image(x, dy, dx, black) for dy in steps for dx in steps)
+        if tta_flip:
+            views = (v for view in views for v in (view, view.flip(-1)))
+        probs = [self.model(view).softmax(-1) for view in views]  # one view's images in memory at a time
+        return (sum(probs) / len(probs)).log()
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64
@@ -101,6 +117,19 @@ class Classifier:
                 top = [(self.classes[j], p) for j, p in zip(i, v)]
                 results.append(Prediction(top[0][0], i[0], v[0], top))
         return results
+
+
+def shift_image(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) moved dy pixels down and dx right; the uncovered border takes fill, one value
+    per channel."""
+    height, width = x.shape[-2:]
+    if max(abs(dy), abs(dx)) >= min(height, width):
+        raise ValueError(f"a shift of ({dy}, {dx}) pixels leaves nothing of a {height}x{width} image; "
+                         "use a smaller --tta-shift")
+    out = fill.to(x.dtype).view(1, -1, 1, 1).expand_as(x).clone()
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
+        x[..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
+    return out
 
 
 def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -163,10 +192,10 @@ def _from_training_checkpoint(path: Path, trust_checkpoint: bool) -> Classifier:
 
 
 @torch.no_grad()
-def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256, tta_flip: bool = False
-             ) -> dict[str, Any]:
-    """Top-1, top-5, loss, per-class accuracy and confusion matrix on an ImageSet (tta_flip: averaged
-    with the mirror image).
+def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256, tta_flip: bool = False,
+             tta_shift: int = 0) -> dict[str, Any]:
+    """Top-1, top-5, loss, per-class accuracy and confusion matrix on an ImageSet (tta_flip, tta_shift:
+    averaged over the views Classifier.logits describes).
 
     The set's classes are matched to the classifier's by name, so any folder whose class names are
     a subset of the checkpoint's can be evaluated.
@@ -186,7 +215,7 @@ def evaluate(classifier: Classifier, images: ImageSet, batch_size: int = 256, tt
     batches = list(torch.arange(len(images)).split(batch_size))
     for batch, labels in iter_batches(images, batches):
         labels = remap[labels]
-        logits = classifier.logits(batch, tta_flip).float().cpu()
+        logits = classifier.logits(batch, tta_flip, tta_shift).float().cpu()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         k = min(5, n)
         top5 += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
