@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.data import VIT_MEAN, VIT_STD, ImageSet, load_image, preprocess
-from vitkit.model import VisionTransformer, ViTConfig, flip_averaged_log_probs
+from vitkit.model import VisionTransformer, ViTConfig
 from vitkit.weights import load_model, load_vitkit, read_checkpoint
 from vitkit.weights.io import check_safetensors_header
 
@@ -91,9 +91,9 @@ class Classifier:
         the same views with the border at the mean colour gave 79.4%.
         """
         x = self.preprocess(images)
-        if not tta_shift:
-            return flip_averaged_log_probs(self.model, x) if tta_flip else self.model(x)
-        steps = (-tta_shift, 0, tta_shift)
+        if not (tta_flip or tta_shift):
+            return self.model(x)
+        steps = (-tta_shift, 0, tta_shift) if tta_shift else (0,)
         black = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device)
         views = (shift_image(x, dy, dx, black) for dy in steps for dx in steps)
         if tta_flip:
@@ -123,6 +123,8 @@ def shift_image(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.
     """(B, C, H, W) moved dy pixels down and dx right; the uncovered border takes fill, one value
     per channel."""
     height, width = x.shape[-2:]
+    if dy == dx == 0:
+        return x
     if max(abs(dy), abs(dx)) >= min(height, width):
         raise ValueError(f"a shift of ({dy}, {dx}) pixels leaves nothing of a {height}x{width} image; "
                          "use a smaller --tta-shift")
