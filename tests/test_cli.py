@@ -57,6 +57,8 @@ BAD_INVOCATIONS = [
     ("eval-shift-past-the-image", "eval --checkpoint {ckpt} --data {data} --tta-shift 16", ["16x16", "--tta-shift"]),
     ("predict-missing-image", "predict --checkpoint {ckpt} {missing}.png", ["does-not-exist"]),
     ("predict-not-an-image", "predict --checkpoint {ckpt} {text_jpg}", ["notes.jpg"]),
+    ("predict-shift-past-the-image", "predict --checkpoint {ckpt} --tta-shift 16 {data}/red/0000.png",
+     ["16x16", "--tta-shift"]),
     ("predict-top-k-zero", "predict --checkpoint {ckpt} --top-k 0 {text_jpg}", ["--top-k"]),
     ("convert-unknown-format", "convert {ckpt} {out}/w.bin --to keras", ["--to", "keras"]),
     ("convert-missing-source", "convert {missing}.pth {out}/w.safetensors --to vitkit", ["does-not-exist"]),

@@ -133,6 +133,33 @@ def test_shift_averaged_evaluation(trained_run, color_folder, capsys):
     assert reported["tta_shift"] == 2 and reported["top1"] == pytest.approx(shifted["top1"])
 
 
+def test_predict_averages_the_same_views_as_evaluation(trained_run, color_folder, capsys):
+    """predict --tta-flip --tta-shift: each image's probabilities are those eval's views average."""
+    import json
+
+    from PIL import Image
+
+    from vitkit.cli.main import main
+
+    classifier = vitkit.load(trained_run.run_dir)
+    paths = [color_folder / "red" / "0000.png", color_folder / "green" / "0001.png"]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    for views in ({"tta_flip": True}, {"tta_shift": 2}, {"tta_flip": True, "tta_shift": 2}):
+        probs = classifier.logits(x, **views).softmax(-1)
+        predictions = classifier.predict([str(p) for p in paths], top_k=3, **views)
+        for prediction, row in zip(predictions, probs):
+            assert [p for _, p in prediction.top_k] == pytest.approx(row.topk(3).values.tolist(), abs=1e-6)
+            assert prediction.index == row.argmax().item()
+    averaged = classifier.predict([str(p) for p in paths], tta_flip=True, tta_shift=2)
+    assert main(["predict", "--checkpoint", str(trained_run.run_dir), "--tta-flip", "--tta-shift", "2", "--json",
+                 *map(str, paths)]) == 0
+    reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["probability"] for r in reported] == pytest.approx([p.probability for p in averaged], abs=1e-6)
+    # The plain prediction differs: the views are really averaged, not ignored.
+    plain = classifier.predict([str(p) for p in paths])
+    assert any(abs(a.probability - b.probability) > 1e-4 for a, b in zip(plain, averaged))
+
+
 def test_predict_api_takes_paths_pil_and_arrays(trained_run, color_folder):
     from PIL import Image
 

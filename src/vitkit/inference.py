@@ -102,16 +102,17 @@ class Classifier:
         return (sum(probs) / len(probs)).log()
 
     @torch.no_grad()
-    def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64
-                ) -> list[Prediction]:
-        """Class predictions for paths, PIL images, arrays or tensors; one Prediction each."""
+    def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64,
+                tta_flip: bool = False, tta_shift: int = 0) -> list[Prediction]:
+        """Class predictions for paths, PIL images, arrays or tensors; one Prediction each, with the
+        probabilities averaged over test-time views as in logits()."""
         if not isinstance(images, list | tuple):
             images = [images]
         k = max(1, min(top_k, len(self.classes)))
         results = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.to_tensor(im) for im in images[start : start + batch_size]])
-            probs = self.logits(batch).softmax(-1).cpu()
+            probs = self.logits(batch, tta_flip, tta_shift).softmax(-1).cpu()
             values, indices = probs.topk(k, dim=-1)
             for v, i in zip(values.tolist(), indices.tolist()):
                 top = [(self.classes[j], p) for j, p in zip(i, v)]

@@ -87,6 +87,14 @@ def duration(text: str) -> float:
 
 # ---- the parser ---------------------------------------------------------------------------
 
+def add_test_time_views(parser: argparse.ArgumentParser) -> None:
+    """eval's and predict's test-time augmentation: the same views, averaged the same way."""
+    parser.add_argument("--tta-flip", action="store_true", help="average each image's and its mirror's predictions")
+    parser.add_argument("--tta-shift", type=positive_int, default=0, metavar="PIXELS",
+                        help="also average over the image moved by PIXELS along each axis (9 views; 2 suits 32x32 "
+                             "CIFAR models trained with padded crops)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="vitkit", description="Vision Transformers: train, fine-tune, evaluate, inspect, export.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -163,10 +171,7 @@ def build_parser() -> Parser:
                    help="val: the run's held-out split (default); test: the folder's test/; all: every training image, "
                         "none held out")
     e.add_argument("--batch-size", type=positive_int, default=256)
-    e.add_argument("--tta-flip", action="store_true", help="average each image's and its mirror's predictions")
-    e.add_argument("--tta-shift", type=positive_int, default=0, metavar="PIXELS",
-                   help="also average over the image moved by PIXELS along each axis (9 views; 2 suits 32x32 "
-                        "CIFAR models trained with padded crops)")
+    add_test_time_views(e)
     e.add_argument("--json", action="store_true")
     e.add_argument("--trust-checkpoint", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -175,6 +180,7 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=positive_int, default=5)
+    add_test_time_views(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust-checkpoint", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -348,7 +354,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     classifier = load(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     paths = _expand_images(args.images)
-    predictions = classifier.predict([str(p) for p in paths], top_k=args.top_k)
+    predictions = classifier.predict([str(p) for p in paths], top_k=args.top_k, tta_flip=args.tta_flip,
+                                     tta_shift=args.tta_shift)
     if args.json:
         print(json.dumps([{"path": str(p), "label": r.label, "probability": r.probability,
                            "top_k": [{"label": c, "probability": q} for c, q in r.top_k]}
