@@ -137,13 +137,11 @@ def test_predict_averages_the_same_views_as_evaluation(trained_run, color_folder
     """predict --tta-flip --tta-shift: each image's probabilities are those eval's views average."""
     import json
 
-    from PIL import Image
-
     from vitkit.cli.main import main
 
     classifier = vitkit.load(trained_run.run_dir)
     paths = [color_folder / "red" / "0000.png", color_folder / "green" / "0001.png"]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+    x = torch.stack([classifier.to_tensor(p) for p in paths])
     for views in ({"tta_flip": True}, {"tta_shift": 2}, {"tta_flip": True, "tta_shift": 2}):
         probs = classifier.logits(x, **views).softmax(-1)
         predictions = classifier.predict([str(p) for p in paths], top_k=3, **views)
