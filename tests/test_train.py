@@ -21,7 +21,7 @@ import vitkit
 from conftest import TINY_TRAIN
 from vitkit.train import TrainingInterrupted, resolve_config, train
 from vitkit.train.module import lr_multiplier, parameter_groups
-from vitkit.train.muon import MuonAdamW, orthogonalize
+from vitkit.train.muon import MuonAdamW, newton_schulz, newton_schulz_gram, orthogonalize
 
 
 def read_rows(path):
@@ -223,6 +223,21 @@ def test_orthogonalize_brings_singular_values_near_one():
         assert out.shape == matrices.shape
         singular = torch.linalg.svdvals(out)
         assert singular.min() > 0.6 and singular.max() < 1.25, (shape, singular.min(), singular.max())
+
+
+def test_gram_newton_schulz_matches_the_plain_iteration():
+    # orthogonalize takes the Gram form for matrices at least twice as wide as tall (here both stacks,
+    # the tall one transposed); it must give the plain iteration's result, for any number of steps
+    torch.manual_seed(0)
+    for shape in ((3, 32, 96), (2, 96, 32)):
+        matrices = torch.randn(shape) * torch.logspace(-1.5, 0, shape[-1])
+        wide = matrices if shape[1] < shape[2] else matrices.mT
+        wide = wide / wide.norm(dim=(-2, -1), keepdim=True)
+        for steps in (1, 2, 5):
+            plain = newton_schulz(wide, steps)
+            assert (newton_schulz_gram(wide, steps) - plain).norm() < 1e-5 * plain.norm(), (shape, steps)
+        expected = plain if shape[1] < shape[2] else plain.mT
+        assert (orthogonalize(matrices) - expected).norm() < 1e-5 * expected.norm(), shape
 
 
 def test_muon_adamw_groups_and_updates():
