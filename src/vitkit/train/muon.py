@@ -61,11 +61,14 @@ def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
 def newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     """newton_schulz's result (up to rounding) with the iteration carried by rows x rows matrices.
 
-    Every iterate is Q x for a polynomial Q of the Gram matrix R = x x^T, and all such polynomials
-    commute, so with P = p(A): Q <- P Q and A <- P A P, and x is read twice, for R and for the final
-    Q x. On a (rows, cols) matrix the plain form multiplies 10 rows^2 cols + 5 rows^3; this one
+    Every iterate is Q x for a polynomial Q of the Gram matrix R = x x^T, so the iterate's own Gram
+    matrix A = Q R Q is one too. All such polynomials commute, so with P = p(A): Q <- P Q and
+    A <- P A P, and x is read twice, for R and for the final Q x.
+
+    On a (rows, cols) matrix the plain form multiplies 10 rows^2 cols + 5 rows^3; this one
     2 rows^2 cols + 17 rows^3: 1.8x less for an MLP's 4:1 weights (1.9-2.4x as fast on a Zen 3 EPYC
-    in fp32), more for a stem's wider filters, and less from 1.5:1 down.
+    in fp32), more for a stem's wider filters; the two cost the same at 1.5:1, and below it this
+    one costs more (so orthogonalize takes it from 2:1 on).
     """
     a, b, c = NS_COEFFICIENTS
     gram = x @ x.mT
