@@ -49,6 +49,8 @@ def test_run_directory_holds_everything(trained_run):
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert "images_per_s" in header and "lr" in header
+    rows = read_rows(run / "metrics.csv")
+    assert all(float(r["val_seconds"]) > 0 for r in rows)  # every epoch validated, and timed
 
 
 def test_load_reproduces_logits_exactly(trained_run):

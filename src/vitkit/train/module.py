@@ -122,6 +122,8 @@ class ViTClassifier(L.LightningModule):
         augment = AugmentConfig(**cfg.augment)
         self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
         self._val: dict[str, Any] = {}
+        self._val_start = 0.0
+        self.validation_seconds: float | None = None  # the latest validation pass, as metrics.csv shows it
         self._throughput: list[float] = []
         self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
         if cfg.freeze == "backbone":
@@ -282,6 +284,7 @@ class ViTClassifier(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": [], "correct": [], "top5": [], "count": []}
+        self._val_start = time.perf_counter()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -301,6 +304,7 @@ class ViTClassifier(L.LightningModule):
         self.log("val_loss", loss / count, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log("val_acc", correct / count, prog_bar=True, rank_zero_only=False)
         self.log("val_top5", top5 / count, rank_zero_only=False)
+        self.validation_seconds = time.perf_counter() - self._val_start
 
     # ---- what a checkpoint carries besides Lightning's state --------------------------------
 

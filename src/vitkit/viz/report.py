@@ -4,7 +4,8 @@ and wrong validation predictions, as PNGs plus one self-contained HTML page.
 Inputs are the files the trainer writes into a run directory (all optional; what is missing is
 skipped and the page says so):
 
-* ``metrics.csv``: one row per epoch, ``epoch,step,train_loss,train_acc,val_loss,val_acc,lr,images_per_s``;
+* ``metrics.csv``: one row per epoch,
+  ``epoch,step,train_loss,train_acc,val_loss,val_acc,val_top5,lr,images_per_s,val_seconds``;
 * ``steps.csv``: one row per logged step, ``step,epoch,train_loss,lr``;
 * ``config.yaml``: a mapping with ``classes: [names...]``;
 * ``val_predictions.npz``: ``probs`` (N, C), ``labels`` (N,), optionally ``images`` (N, 3, h, w) uint8.
@@ -304,7 +305,7 @@ def _format(value: float, name: str) -> str:
         return str(int(value))
     if name == "lr":
         return f"{value:.3g}"
-    if name == "images_per_s":
+    if name in ("images_per_s", "val_seconds"):
         return f"{value:.1f}"
     return f"{value:.4f}"
 
