@@ -183,8 +183,8 @@ class MetricsTable(L.Callback):
     """One row per epoch in metrics.csv, one per logged step in steps.csv (for plots and reports).
 
     val_seconds is the epoch's validation pass: under a time budget, wall clock that trains nothing
-    (6-9% of the 30-minute CIFAR-10 recipes' on 2 cores of a Zen 3 EPYC: 6.2 s a pass against 95 s
-    of training an epoch for the pure ViT, 8-12 s against about 125 s for the hybrid).
+    (6-9% of a 30-minute CIFAR-10 recipe's wall clock on 2 cores of a Zen 3 EPYC: 6.2 s a pass
+    against 95 s of training an epoch for the pure ViT, 8-12 s against about 125 s for the hybrid).
     """
 
     COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s",

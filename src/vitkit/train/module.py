@@ -284,7 +284,7 @@ class ViTClassifier(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": [], "correct": [], "top5": [], "count": []}
-        self._val_start = time.perf_counter()
+        self._val_start, self.validation_seconds = time.perf_counter(), None  # no stale figure from a pass before
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
