@@ -341,8 +341,9 @@ def test_precision_auto_trains_in_bf16_only_where_bf16_multiplies_faster(tmp_pat
         def on_fit_end(self, trainer, pl_module):
             self.hook.remove()
 
+    # on the CPU: on CUDA "auto" is always bf16, and a machine with a GPU would train there
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
-                         **dict(TINY_TRAIN, epochs=1, precision="auto"))
+                         **dict(TINY_TRAIN, epochs=1, precision="auto", accelerator="cpu"))
     result = train(cfg, callbacks=[WatchForward()])
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["precision_used"] == expected
     assert autocast_seen == {expected == "bf16-mixed"}
