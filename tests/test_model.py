@@ -1,5 +1,7 @@
 """The model: parity with timm, named variants, parameter counts, compile, gradients, bad input."""
 
+import copy
+
 import pytest
 import torch
 
@@ -164,6 +166,27 @@ def test_set_input_size_resamples_and_keeps_class_slot():
     assert model.config.img_size == 64
     with pytest.raises(ValueError, match="not divisible"):
         model.set_input_size(30)
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "sincos"])
+def test_dynamic_img_size_runs_other_resolutions_as_set_input_size_does(pos_embed):
+    """With dynamic_img_size a 32-pixel model takes 24-pixel images, with the same logits as a copy
+    resized by set_input_size, and learned position embeddings get gradients through the resampling."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", depth=2, pos_embed=pos_embed)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    resized = copy.deepcopy(model)
+    resized.set_input_size(24)
+    x = torch.randn(2, 3, 24, 24)
+    with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 32, 32\)"):
+        model(x)
+    model.dynamic_img_size = True
+    torch.testing.assert_close(model(x), resized(x))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    model(x).square().sum().backward()
+    assert (model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0) == (pos_embed == "learn")
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        model(torch.randn(2, 3, 26, 26))
 
 
 def test_resample_identity_and_constant():

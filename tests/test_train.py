@@ -597,6 +597,30 @@ def test_patch_drop_until_ends_the_run_on_every_patch(tmp_path, color_folder):
 
 
 @pytest.mark.slow
+def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path, color_folder):
+    """resize_start 8 of 16-pixel images until 0.6 of a 15-step run: the side grows 8 -> 12 -> 16
+    (multiples of the patch size 4) by step 9 and stays there; validation sees 16 throughout."""
+    seen: list[tuple[bool, int]] = []
+
+    class WatchSizes(L.Callback):
+        def on_fit_start(self, trainer, module):
+            module.model.patch_embed.register_forward_pre_hook(
+                lambda embed, args: seen.append((embed.training, args[0].shape[-1])))
+
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
+                         resize_start=8, resize_until=0.6, **TINY_TRAIN)
+    result = train(cfg, callbacks=[WatchSizes()])
+    assert [side for training, side in seen if training] == [8] * 5 + [12] * 4 + [16] * 6
+    assert {side for training, side in seen if not training} == {16}
+    assert result.best_val_acc > 0.5  # chance is 1/3
+    with pytest.raises(ValueError, match=r"resize_start=10: must be a multiple of the patch size 4"):
+        train(resolve_config(None, data=str(color_folder), out=str(tmp_path / "bad"), val_fraction=0.25,
+                             resize_start=10, **TINY_TRAIN))
+    with pytest.raises(ValueError, match="resize_until"):
+        resolve_config(None, data="unused", resize_until=0.0)
+
+
+@pytest.mark.slow
 def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder):
     """ema_horizon 0.2 of a 15-step run is a time constant of 3 steps (decay 2/3); mix_start 0.5
     leaves the first half of the steps unmixed and mixes every step after (mix_prob 1)."""

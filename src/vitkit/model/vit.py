@@ -152,6 +152,7 @@ class PatchEmbed(nn.Module):
                  stem_depth: int = 1) -> None:
         super().__init__()
         self.img_size = img_size
+        self.strict_img_size = True  # timm's name; False (VisionTransformer.dynamic_img_size) takes other sizes
         self.patch_size = patch_size
         self.in_chans = in_chans
         if stem == "conv":
@@ -170,7 +171,11 @@ class PatchEmbed(nn.Module):
         return self.grid_size**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+        if not self.strict_img_size and x.ndim == 4 and x.shape[1] == self.in_chans:
+            if x.shape[2] != x.shape[3] or x.shape[2] % self.patch_size:
+                raise ValueError(f"expected square images whose side is a multiple of the patch size "
+                                 f"{self.patch_size}, got {tuple(x.shape)}")
+        elif x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
             raise ValueError(
                 f"expected images of shape (batch, {self.in_chans}, {self.img_size}, {self.img_size}), "
                 f"got {tuple(x.shape)}; resize the input, or call model.set_input_size(...) "
@@ -441,11 +446,33 @@ class VisionTransformer(nn.Module):
 
     # ---- parts of the forward pass -------------------------------------------------------------
 
+    @property
+    def dynamic_img_size(self) -> bool:
+        """timm's flag: accept square images of any multiple of the patch size, with the position
+        embeddings resampled on every call (differentiably), as progressive resizing trains. Off by
+        default, so an image of the wrong size raises instead of being silently resampled."""
+        return not self.patch_embed.strict_img_size
+
+    @dynamic_img_size.setter
+    def dynamic_img_size(self, value: bool) -> None:
+        self.patch_embed.strict_img_size = not value
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        grid = x.shape[-1] // self.config.patch_size
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + self._pos_embed_for(grid))
+
+    def _pos_embed_for(self, grid: int) -> torch.Tensor:
+        """The position embeddings of a grid x grid patch layout: the model's own, or at another
+        resolution (dynamic_img_size) fixed sine-cosine ones computed for it or learned ones resampled."""
+        if grid == self.config.grid_size:
+            return self.pos_embed
+        if self.config.pos_embed == "sincos":
+            fixed = sincos_pos_embed_2d(grid, self.embed_dim).to(self.pos_embed)
+            return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], fixed[None]], dim=1)
+        return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Training with patch_drop_rate: each image keeps a random subset of its patch tokens.

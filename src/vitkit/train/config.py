@@ -53,6 +53,8 @@ class TrainConfig:
     global_pool: str | None = None
     patch_drop_end: float | None = None  # patch_drop_rate falls linearly to this by the last step
     patch_drop_until: float | None = None  # no patch dropout from this fraction of the run's steps on
+    resize_start: int | None = None  # progressive resizing: training images start at this side...
+    resize_until: float = 0.75  # ...and grow linearly to img_size by this fraction of the run's steps
     model_args: dict[str, Any] = field(default_factory=dict)  # any other ViTConfig field, e.g. {stem: conv}
     # fine-tuning
     init: str | None = None  # pretrained weights (timm, Hugging Face, .npz, vitkit)
@@ -134,6 +136,11 @@ class TrainConfig:
         if self.patch_drop_until is not None and not 0 < self.patch_drop_until <= 1:
             raise ValueError(f"patch_drop_until={self.patch_drop_until}: a fraction of the run's steps in (0, 1], "
                              "e.g. 0.9 (the last tenth sees every patch)")
+        if self.resize_start is not None and self.resize_start <= 0:
+            raise ValueError(f"resize_start={self.resize_start}: the first training images' side in pixels, "
+                             "e.g. 24 for 32-pixel CIFAR images")
+        if not 0 < self.resize_until <= 1:
+            raise ValueError(f"resize_until={self.resize_until}: a fraction of the run's steps in (0, 1], e.g. 0.75")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs}: must be >= 0")
         if self.max_steps is not None and self.max_steps <= 0:

@@ -125,6 +125,12 @@ class ViTClassifier(L.LightningModule):
         self._val_start = 0.0
         self.validation_seconds: float | None = None  # the latest validation pass, as metrics.csv shows it
         self._throughput: list[float] = []
+        if cfg.resize_start is not None:
+            full, patch = model.config.img_size, model.config.patch_size
+            if cfg.resize_start % patch or not patch <= cfg.resize_start < full:
+                raise ValueError(f"resize_start={cfg.resize_start}: must be a multiple of the patch size {patch} "
+                                 f"below the image size {full}, e.g. {max(patch, full * 3 // 4 // patch * patch)}")
+            model.dynamic_img_size = True
         self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
         if cfg.freeze == "backbone":
             for name, param in model.named_parameters():
@@ -205,6 +211,21 @@ class ViTClassifier(L.LightningModule):
         progress = min(1.0, step / max(1.0, masked_steps))
         return start if end is None else start + (end - start) * progress
 
+    def train_resolution(self, step: int) -> int:
+        """Progressive resizing: the side of a step's training images, from resize_start up to the
+        model's img_size by resize_until of the planned steps, in multiples of the patch size.
+
+        A ViT's step costs about its token count, so low resolution early buys more steps of a time
+        budget, while, unlike patch dropout's random subset, the tokens still cover the whole image. The
+        position embeddings are resampled to each grid (VisionTransformer.dynamic_img_size); the
+        full-resolution tail adapts the model to the size it is evaluated at.
+        """
+        full, start, patch = self.model.config.img_size, self.cfg.resize_start, self.model.config.patch_size
+        if start is None:
+            return full
+        progress = min(1.0, step / max(1.0, self.cfg.resize_until * self.total_steps()))
+        return min(full, int(start + (full - start) * progress) // patch * patch)
+
     # ---- steps ------------------------------------------------------------------------------
 
     def _step_generator(self, key: torch.Tensor) -> torch.Generator:
@@ -235,9 +256,11 @@ class ViTClassifier(L.LightningModule):
         x, targets = self.augment(images, labels, generator=generator, mix=mix)
         if self.cfg.patch_drop_end is not None or self.cfg.patch_drop_until is not None:
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
-        logits = self.model(x)
+        side = self.train_resolution(self.global_step)
+        seen = x if side == x.shape[-1] else F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        logits = self.model(seen)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
-        if self.teacher is not None:
+        if self.teacher is not None:  # the teacher sees the full-resolution images it was trained on
             w = self.cfg.distill_weight
             loss = (1 - w) * loss + w * F.cross_entropy(logits, self.teacher.probabilities(x))  # soft targets
         loader = self.trainer.train_dataloader
