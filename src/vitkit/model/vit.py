@@ -585,11 +585,7 @@ class VisionTransformer(nn.Module):
         """Accept another resolution: the position embeddings are resampled bicubically."""
         cfg = self.config.replace(img_size=img_size)  # validates divisibility
         with torch.no_grad():
-            if cfg.pos_embed == "sincos":
-                grid = sincos_pos_embed_2d(cfg.grid_size, self.embed_dim).to(self.pos_embed)
-                new = torch.cat([self.pos_embed[:, : self.num_prefix_tokens], grid[None]], dim=1)
-            else:
-                new = resample_pos_embed(self.pos_embed, cfg.grid_size, self.num_prefix_tokens)
+            new = self._pos_embed_for(cfg.grid_size)
         self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
         self.patch_embed.img_size = img_size
         self.config = cfg
