@@ -227,6 +227,19 @@ def test_orthogonalize_brings_singular_values_near_one():
         assert singular.min() > 0.6 and singular.max() < 1.25, (shape, singular.min(), singular.max())
 
 
+def test_orthogonalize_in_bf16_on_the_cpu_as_in_fp32():
+    # a CPU run in bf16 autocast orthogonalizes in bf16 (MuonAdamW's ns_dtype), as CUDA does:
+    # the plain iteration, close to fp32's result, handed back in the input's dtype
+    torch.manual_seed(0)
+    for shape in ((3, 32, 96), (2, 96, 32)):
+        matrices = torch.randn(shape) * torch.logspace(-1.5, 0, shape[-1])
+        fp32, bf16 = orthogonalize(matrices), orthogonalize(matrices, dtype=torch.bfloat16)
+        assert bf16.dtype == torch.float32
+        assert (bf16 - fp32).norm() < 0.05 * fp32.norm(), shape
+        singular = torch.linalg.svdvals(bf16)
+        assert singular.min() > 0.6 and singular.max() < 1.25, (shape, singular.min(), singular.max())
+
+
 def test_gram_newton_schulz_matches_the_plain_iteration():
     # orthogonalize takes the Gram form for matrices at least twice as wide as tall (here both stacks,
     # the tall one transposed); it must give the plain iteration's result, for any number of steps
@@ -325,28 +338,32 @@ def test_muon_trains(tmp_path, color_folder):
 def test_precision_auto_trains_in_bf16_only_where_bf16_multiplies_faster(tmp_path, color_folder, monkeypatch,
                                                                          speedup, expected):
     """"auto" measures the chip (a Zen 4 EPYC multiplies bf16 2.2x as fast as fp32, an AVX-512 Xeon
-    without AMX 0.55x, AVX2 CPUs about 0.01x); the forward pass runs under autocast exactly when
-    bf16 was chosen."""
+    without AMX 0.55x, AVX2 CPUs about 0.01x); the forward pass runs under autocast, and Muon
+    orthogonalizes in bf16, exactly when bf16 was chosen."""
     import vitkit.train.precision as precision
 
     monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
     monkeypatch.setenv(precision.AUTO_CHOICE_ENV, "unset")  # train() exports its choice; restored after
-    autocast_seen = set()
+    autocast_seen, ns_dtypes = set(), set()
 
     class WatchForward(L.Callback):  # during fit only: the final predictions are made in fp32
         def on_fit_start(self, trainer, pl_module):
             self.hook = pl_module.model.register_forward_hook(
                 lambda *_: autocast_seen.add(torch.is_autocast_enabled("cpu")))
 
+        def on_train_start(self, trainer, pl_module):
+            ns_dtypes.add(trainer.optimizers[0].ns_dtype)
+
         def on_fit_end(self, trainer, pl_module):
             self.hook.remove()
 
     # on the CPU: on CUDA "auto" is always bf16, and a machine with a GPU would train there
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
-                         **dict(TINY_TRAIN, epochs=1, precision="auto", accelerator="cpu"))
+                         **dict(TINY_TRAIN, epochs=1, precision="auto", accelerator="cpu", optimizer="muon"))
     result = train(cfg, callbacks=[WatchForward()])
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["precision_used"] == expected
     assert autocast_seen == {expected == "bf16-mixed"}
+    assert ns_dtypes == {torch.bfloat16 if expected == "bf16-mixed" else None}
 
 
 def test_precision_auto_is_measured_once_per_machine(monkeypatch):

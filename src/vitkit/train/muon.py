@@ -12,8 +12,9 @@ can shrink the other two's updates). The layer that reads the pixels, class toke
 embeddings, norms, biases and head keep AdamW (their advice too).
 
 torch.optim.Muon exists, but orthogonalizes in bfloat16, which is two orders of magnitude slower
-than float32 on CPUs, and handles one matrix at a time. Here matrices of one shape are stacked and
-orthogonalized together (a batched matmul), in float32 on the CPU and bfloat16 on CUDA; in float32,
+than float32 on most CPUs, and handles one matrix at a time. Here matrices of one shape are stacked and
+orthogonalized together (a batched matmul), in float32 on the CPU and bfloat16 on CUDA or where a CPU
+run trains in bf16 autocast (a chip whose bf16 products are fast: ns_dtype); in float32,
 matrices at least twice as wide as tall take an equivalent form of the iteration that works on
 their small Gram matrix (newton_schulz_gram).
 """
@@ -30,9 +31,12 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T for each matrix U S V^T of a (n, rows, cols) stack, by Newton-Schulz."""
-    dtype = torch.bfloat16 if matrices.is_cuda else torch.float32
+def orthogonalize(matrices: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately U V^T for each matrix U S V^T of a (n, rows, cols) stack, by Newton-Schulz, in
+    dtype: by default bfloat16 on CUDA and float32 on the CPU, where most chips multiply bfloat16
+    slower (MuonAdamW's ns_dtype lets a run that trains in bf16 on a CPU whose bf16 is fast say so)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if matrices.is_cuda else torch.float32
     x = matrices.to(dtype)
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:  # iterate on the smaller Gram matrix
@@ -95,10 +99,12 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[dict], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, muon=False, row_blocks=1)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype  # orthogonalize's dtype; None: bfloat16 on CUDA, float32 on the CPU
         for group in (g for g in self.param_groups if g["muon"]):
             flat = [tuple(p.shape) for p in group["params"] if p.ndim < 2]
             if flat:
@@ -135,7 +141,7 @@ class MuonAdamW(torch.optim.Optimizer):
             # a convolution's filters (out, in, kh, kw) as the (out, in * kh * kw) matrix they apply,
             # a fused weight's row blocks as matrices of their own
             matrices = torch.stack(nesterov).reshape(len(same) * blocks, shape[0] // blocks, -1)
-            update = orthogonalize(matrices, group["ns_steps"]).view(len(same), *shape).unbind(0)
+            update = orthogonalize(matrices, group["ns_steps"], self.ns_dtype).view(len(same), *shape).unbind(0)
             if group["weight_decay"]:
                 torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
             torch._foreach_add_(same, update, alpha=-lr * 0.2 * max(matrices.shape[-2:]) ** 0.5)

@@ -1,8 +1,8 @@
 """Which numeric precision a run trains in.
 
 On CUDA, bf16 autocast is the default. On the CPU it depends on the chip: an AMD Zen 4 EPYC, with
-AVX-512 bf16 dot products, multiplies bf16 matrices about 2.2x as fast as fp32 (Intel's AMX is
-meant to do the same), an AVX-512 Xeon with avx512_bf16 but no AMX at 0.55x, and AVX2 CPUs
+AVX-512 bf16 dot products, multiplies bf16 matrices about 2.2x as fast as fp32, a Xeon with AMX
+3.3x (512-square; 5-6x at 2048), an AVX-512 Xeon with avx512_bf16 but no AMX at 0.55x, and AVX2 CPUs
 emulate bf16 about 100x slower. The flags do not tell these apart, so `precision: auto` times one
 small product in both and takes bf16 autocast only where it is clearly faster. The default on the
 CPU stays fp32: the same numbers on every CPU.
