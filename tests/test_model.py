@@ -135,6 +135,34 @@ def test_fast_paths_match_the_full_computation_with_gradients(monkeypatch, expli
         assert diff <= 1e-4 * param.grad.abs().max().item() + 1e-8, (name, diff)
 
 
+@pytest.mark.parametrize("num_queries", [None, 1], ids=["all-tokens", "class-token-only"])
+def test_cpu_training_attention_in_bf16_matches_the_fused_kernel(monkeypatch, num_queries):
+    """CPU training in bf16 autocast takes batched explicit attention, in fp32 head by head: both
+    must compute the fused kernel's function, gradients included, to bf16's precision."""
+    import vitkit.model.vit as vit
+
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 4, qkv_bias=True, attn_drop=0.0, proj_drop=0.0)
+    x = torch.randn(2, 17, 64)
+
+    def run(explicit_max_tokens: int, bf16_batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(vit, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_max_tokens)
+        monkeypatch.setattr(vit, "_bf16_autocast_on_the_cpu", lambda: bf16_batched)
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, num_queries).float()
+        out.square().sum().backward()
+        return out, [p.grad.clone() for p in attn.parameters()]
+
+    fused, fused_grads = run(0, False)
+    for explicit in (run(128, True), run(128, False)):  # batched, then head by head
+        out, grads = explicit
+        assert out.shape == fused.shape == (2, num_queries or 17, 64)
+        assert (out - fused).abs().max() <= 0.02 * fused.abs().max()
+        for grad, reference in zip(grads, fused_grads):
+            assert (grad - reference).abs().max() <= 0.03 * reference.abs().max()
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", depth=2, drop_path_rate=0.1, drop_rate=0.1)
