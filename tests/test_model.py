@@ -271,6 +271,14 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
         vitkit.create_model("cifar-mini", stem_depth=2)
 
 
+def _randomize_biases(model: torch.nn.Module) -> None:
+    """Zero-initialised biases would hide a projection that drops its bias."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.1)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["oneDNN", "BLAS"])
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
 def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
@@ -284,7 +292,7 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     if fused and not vit._ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     assert vit.cpu_inference_projections() in ("oneDNN", "BLAS")  # the probe runs
-    monkeypatch.setattr(vit, "onednn_linear_pays", lambda: fused)
+    monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: fused)
 
     class Ops(TorchDispatchMode):
         def __init__(self) -> None:
@@ -298,6 +306,7 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", gelu=gelu, depth=2).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)
+    _randomize_biases(model)
     assert model.blocks[0].mlp.act.approximate == ("tanh" if gelu == "tanh" else "none")
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode(), Ops() as ops:
@@ -331,8 +340,8 @@ def test_the_projection_probe_is_not_counted_as_the_models_work():
 
 
 def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():
-    """Under autocast, inference leaves the fp32 oneDNN projections (autocast would not cast their
-    operands) for F.linear, which autocast runs in bf16, as training under autocast does."""
+    """Under autocast, inference multiplies in bf16, as training under autocast does: through oneDNN
+    with the operands cast to bf16 (autocast would not cast a private op's), or through F.linear."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
 
@@ -352,6 +361,29 @@ def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():
         with torch.inference_mode(not grad), torch.autocast("cpu", dtype=torch.bfloat16), products:
             model(torch.randn(2, 3, 16, 16))
         assert products.dtypes == {torch.bfloat16}, (grad, products.dtypes)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["oneDNN", "BLAS"])
+def test_bf16_inference_path_equals_the_bf16_training_path(fused, monkeypatch):
+    """Under bf16 autocast, CPU inference through either path computes what the autograd path does,
+    to bf16's precision, and the probe is asked about bf16, not fp32."""
+    from vitkit.model import vit
+
+    if fused and not vit._ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    asked: list[torch.dtype] = []
+    monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: asked.append(dtype) or fused)
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", depth=2).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    _randomize_biases(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            inferred = model(x).float()
+        trained = model(x).float()
+    assert set(asked) == {torch.bfloat16}
+    assert (inferred - trained.detach()).abs().max() <= 0.03 * trained.abs().max()
 
 
 def test_tanh_gelu_and_eps_are_configurable():

@@ -236,8 +236,8 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
                               "device": str(dev), "precision": precision, "threads": torch.get_num_threads(),
                               "rounds": rounds,
                               "steps_per_round": steps, "matmul_peak_gflops": peak, "compile": compile}
-    if dev.type == "cpu" and not bf16 and not compile:
-        result["inference_projections"] = cpu_inference_projections()  # its probe's time stays out of the rounds
+    if dev.type == "cpu" and not compile:  # its probe's time stays out of the rounds
+        result["inference_projections"] = cpu_inference_projections(torch.bfloat16 if bf16 else torch.float32)
     for mode in ("train", "infer"):
         runners = {k: _Step(m, batch_size, dev, train=mode == "train", bf16=bf16) for k, m in models.items()}
         # Counted per model: vitkit's forward skips work whose result nothing reads (the last
