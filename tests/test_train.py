@@ -551,14 +551,14 @@ def test_time_budget_sizes_the_schedule(tmp_path, color_folder):
     That the cosine then ends at the last step is checked with a fake clock
     (test_time_budget_replans_when_the_machine_slows_down): here a stall of the shared CI machine
     longer than the second or two of training left can end the run early, and did once (at 12% of
-    the peak lr)."""
+    the peak lr); a slower start, before the plan is made."""
     import time
 
     plans: list[tuple[int | None, int]] = []
 
     class RecordPlan(L.Callback):
         def on_train_end(self, trainer, module):
-            plans.append((module.planned_steps, module.total_steps()))
+            plans.append((module.planned_steps, trainer.global_step))
 
     settings = dict(TINY_TRAIN, epochs=1, batch_size=8)
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "budget"), val_fraction=0.25,
@@ -568,8 +568,11 @@ def test_time_budget_sizes_the_schedule(tmp_path, color_folder):
     elapsed = time.monotonic() - start
     assert elapsed < 12.0 + 3.0, f"took {elapsed:.1f} s for a 12 s budget"
     assert result.epochs_done > 1  # the budget, not epochs=1, decided the length
-    (planned, spanned), = plans
-    assert planned is not None and spanned == planned
+    (planned, steps), = plans
+    # The first plan comes after 3 warm-up and 20 measured steps; a heavily loaded machine may reach
+    # the deadline before that (it did in the suite once), and then the deadline alone ends the run.
+    if steps >= 3 + 20:
+        assert planned is not None and steps <= planned  # stopped at its plan, or earlier by the deadline
     assert (tmp_path / "budget" / "best.ckpt").is_file()
 
 

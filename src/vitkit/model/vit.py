@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 
+def _bf16_autocast_on_the_cpu() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype in which x's projections go through oneDNN, or None for the standard ops: eager
     inference on the CPU only, in fp32, or in bf16 under bf16 autocast (casting the operands here,
@@ -60,10 +64,6 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     else:
         dtype = torch.float32 if x.dtype == torch.float32 else None
     return dtype if dtype is not None and onednn_linear_pays(dtype) else None
-
-
-def _bf16_autocast_on_the_cpu() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def cpu_inference_projections(dtype: torch.dtype = torch.float32) -> str:
