@@ -245,14 +245,17 @@ def test_stop_waits_for_the_accumulated_step(tmp_path):
     stop.received = signal.SIGTERM
     saved = []
     progress = SimpleNamespace(is_last_batch=False, current=SimpleNamespace(ready=5))
-    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, save_checkpoint=saved.append,
+    def save_checkpoint(path, weights_only=None):
+        saved.append((path, weights_only))
+
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, save_checkpoint=save_checkpoint,
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     stop.on_train_batch_end(trainer)  # the fifth batch: the third group's first
     assert saved == []
     progress.current.ready = 6
     with pytest.raises(TrainingInterrupted):
         stop.on_train_batch_end(trainer)
-    assert saved == [tmp_path / "last.ckpt"]
+    assert saved == [(tmp_path / "last.ckpt", False)]  # a full checkpoint, which --resume needs
 
 
 # ---- 2 and 3. stop with SIGTERM / SIGINT, resume in a new process, same result ----------------------
@@ -359,6 +362,7 @@ def test_stopped_run_resumes_in_a_new_process_to_the_same_result(tmp_path, color
         pytest.fail("every run finished before the signal arrived")
     signame = signals[0].name
     assert f"stopped by {signame}; resume with --resume {run_dir}" in err
+    assert "weights_only" not in err  # the stop asks for a full checkpoint rather than Lightning's default
     if script is not None:
         assert "SIGTERM and SIGINT sent while writing" in err  # the second signals did land mid-write
     stopped = load(run_dir / "last.ckpt")

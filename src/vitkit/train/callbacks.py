@@ -96,13 +96,15 @@ class GracefulStop(L.Callback):
             return
         if progress.current.ready % trainer.accumulate_grad_batches:  # mid-group: no step taken yet
             return
-        trainer.save_checkpoint(self.checkpoint)
+        # A full checkpoint (optimizer, loops, callbacks) for --resume; saying so also keeps Lightning 2.6
+        # from logging "`weights_only` was not set" beside our resume hint.
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)
         raise TrainingInterrupted(received, self.checkpoint)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stop_at_epoch_end:
             if not self.checkpoint_after_validation:
-                trainer.save_checkpoint(self.checkpoint)
+                trainer.save_checkpoint(self.checkpoint, weights_only=False)
             raise TrainingInterrupted(self._stop_at_epoch_end, self.checkpoint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
