@@ -245,6 +245,7 @@ def test_stop_waits_for_the_accumulated_step(tmp_path):
     stop.received = signal.SIGTERM
     saved = []
     progress = SimpleNamespace(is_last_batch=False, current=SimpleNamespace(ready=5))
+
     def save_checkpoint(path, weights_only=None):
         saved.append((path, weights_only))
 
