@@ -28,7 +28,7 @@ def test_products_alone_replays_exactly_the_operations_the_flop_count_counts(tra
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_bench_reports_both_models_and_their_ceilings(precision, monkeypatch):
     # A small peak product: an AVX2 CPU emulates bf16, and its 2048-square one takes ~10 s.
-    monkeypatch.setattr(bench, "matmul_peak_gflops", functools.partial(bench.matmul_peak_gflops, size=256))
+    monkeypatch.setattr(bench, "matmul_peaks", functools.partial(bench.matmul_peaks, size=256))
     result = bench_model("cifar-mini", batch_size=4, against="timm", rounds=1, steps=1, precision=precision,
                          depth=1, img_size=16)
     assert result["precision"] == precision
@@ -41,11 +41,21 @@ def test_bench_reports_both_models_and_their_ceilings(precision, monkeypatch):
     text = format_result(result)
     assert text.count("products alone") == 4 and "of peak (the step's ceiling)" in text
     assert ("bf16 matmul peak" if precision == "bf16-mixed" else "fp32 matmul peak") in text
+    assert result["matmul_peak_gflops"] == max(result["matmul_peaks"].values())  # the best library's
+    assert "mm" in result["matmul_peaks"] and all(f"{k} " in text for k in result["matmul_peaks"])
 
 
 def test_bench_refuses_an_unknown_precision():
     with pytest.raises(ValueError, match="'16-mixed' is not one of 32-true, bf16-mixed"):
         bench_model("cifar-mini", precision="16-mixed", depth=1, img_size=16)
+
+
+def test_every_library_timed_for_the_peak_computes_the_product():
+    a, b = torch.randn(64, 32), torch.randn(32, 48)
+    products = bench.square_products(a, b)
+    assert "mm" in products
+    for name, product in products.items():
+        torch.testing.assert_close(product(), a @ b, msg=name)
 
 
 def test_the_peak_stops_repeating_slow_products(monkeypatch):
@@ -62,8 +72,8 @@ def test_the_peak_stops_repeating_slow_products(monkeypatch):
     syncs = []
     monkeypatch.setattr(bench, "time", Clock)
     monkeypatch.setattr(bench, "_sync", syncs.append)  # called before and after each product
-    bench.matmul_peak_gflops(CPU, size=8, repeats=8, seconds=0.5)
-    assert len(syncs) == 2 * 2
+    libraries = len(bench.matmul_peaks(CPU, size=8, repeats=8, seconds=0.5))  # each timed apart
+    assert len(syncs) == 2 * 2 * libraries
     syncs.clear()
     bench.matmul_peak_gflops(CPU, size=8, repeats=8, seconds=100.0)
-    assert len(syncs) == 2 * 8
+    assert len(syncs) == 2 * 8 * libraries

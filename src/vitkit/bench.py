@@ -3,9 +3,10 @@
 Throughput is measured in alternating rounds (vitkit, then the reference, then vitkit ...) in one
 process, so drift in clock speed or background load hits both alike; medians are reported. The
 FLOP count comes from ``torch.utils.flop_counter.FlopCounterMode`` on one real step, and the peak is
-a large matrix product timed in the same run, in the step's precision: fp32 by default on the CPU,
-bf16 under autocast on CUDA or with ``precision="bf16-mixed"`` (worth it only on CPUs whose bf16
-products outrun fp32, such as AVX-512 EPYCs (Zen 4); on AVX2 ones they are ~100x slower).
+the fastest of a large matrix product by each library PyTorch has for it (matmul_peaks), timed in the
+same run, in the step's precision: fp32 by default on the CPU, bf16 under autocast on CUDA or with
+``precision="bf16-mixed"`` (worth it only on CPUs whose bf16 products outrun fp32, such as AVX-512
+EPYCs (Zen 4); on AVX2 ones they are ~100x slower).
 
 The peak is a square product's; a model's products are thinner (one side is its width), so they run
 slower. To tell that apart from everything else a step does, the counted operations of one step are
@@ -43,7 +44,19 @@ def default_precision(device: torch.device) -> str:
 
 def matmul_peak_gflops(device: torch.device, size: int | None = None, repeats: int = 8,
                        dtype: torch.dtype = torch.float32, seconds: float = 5.0) -> float:
-    """Best observed matrix-product rate in dtype: the ceiling a step is compared with.
+    """Best observed matrix-product rate in dtype, of any library (matmul_peaks): the ceiling a step
+    is compared with."""
+    return max(matmul_peaks(device, size, repeats, dtype, seconds).values())
+
+
+def matmul_peaks(device: torch.device, size: int | None = None, repeats: int = 8,
+                 dtype: torch.dtype = torch.float32, seconds: float = 5.0) -> dict[str, float]:
+    """GFLOP/s of a square product in dtype, best of `repeats`, for each library PyTorch multiplies
+    with here: torch.mm (BLAS on the CPU, cuBLAS on CUDA) and, on the CPU, oneDNN's linear.
+
+    Both count because either can run a step's products (vitkit's CPU inference uses oneDNN where it
+    pays), and BLAS alone can understate the ceiling: on a Zen 4 EPYC oneDNN's fp32 product ran
+    1.15x MKL's (220 against 191 GFLOP/s at 2048 squared).
 
     A GPU needs a product of 8192 squared to approach its peak; 2048 already saturates a CPU. After
     two products, repeats stop once they have taken `seconds`: a CPU that emulates bf16 (AVX2 ones)
@@ -52,17 +65,32 @@ def matmul_peak_gflops(device: torch.device, size: int | None = None, repeats: i
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    return {name: 2 * size**3 / _best_time(product, device, repeats, seconds) / 1e9
+            for name, product in square_products(a, b).items()}
+
+
+def square_products(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """a @ b by each library matmul_peaks times, by name."""
+    products: dict[str, Callable[[], torch.Tensor]] = {"mm": lambda: a @ b}
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if a.device.type == "cpu" and onednn:
+        weight = b.t().contiguous()  # linear multiplies by its weight's transpose
+        products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    return products
+
+
+def _best_time(product: Callable[[], torch.Tensor], device: torch.device, repeats: int, seconds: float) -> float:
     best = float("inf")
     began = time.perf_counter()
     for i in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        a @ b
+        product()
         _sync(device)
         best = min(best, time.perf_counter() - start)
         if i >= 1 and time.perf_counter() - began > seconds:
             break
-    return 2 * size**3 / best / 1e9
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -231,11 +259,12 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
     if compile:
         for model in models.values():
             model.compile()
-    peak = matmul_peak_gflops(dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+    peaks = matmul_peaks(dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+    peak = max(peaks.values())
     result: dict[str, Any] = {"model": name, "config": ours.config.to_dict(), "batch_size": batch_size,
                               "device": str(dev), "precision": precision, "threads": torch.get_num_threads(),
-                              "rounds": rounds,
-                              "steps_per_round": steps, "matmul_peak_gflops": peak, "compile": compile}
+                              "rounds": rounds, "steps_per_round": steps, "matmul_peak_gflops": peak,
+                              "matmul_peaks": peaks, "compile": compile}
     if dev.type == "cpu" and not compile:  # its probe's time stays out of the rounds
         result["inference_projections"] = cpu_inference_projections(torch.bfloat16 if bf16 else torch.float32)
     for mode in ("train", "infer"):
@@ -292,7 +321,8 @@ def format_result(result: dict[str, Any]) -> str:
                 f"{result['images_per_s']:.0f} images/s on {result['threads']} thread(s)")
     dtype = "bf16" if result["precision"] == "bf16-mixed" else "fp32"
     lines = [f"{result['model']} batch {result['batch_size']} on {result['device']} ({result['threads']} threads), "
-             f"{result['precision']}, {dtype} matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
+             f"{result['precision']}, {dtype} matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s "
+             f"({', '.join(f'{k} {v:.0f}' for k, v in result['matmul_peaks'].items())})"]
     for key in ("vitkit", "timm"):
         if key not in result:
             continue
