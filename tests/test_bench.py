@@ -75,5 +75,5 @@ def test_the_peak_stops_repeating_slow_products(monkeypatch):
     libraries = len(bench.matmul_peaks(CPU, size=8, repeats=8, seconds=0.5))  # each timed apart
     assert len(syncs) == 2 * 2 * libraries
     syncs.clear()
-    bench.matmul_peak_gflops(CPU, size=8, repeats=8, seconds=100.0)
+    bench.matmul_peaks(CPU, size=8, repeats=8, seconds=100.0)
     assert len(syncs) == 2 * 8 * libraries

@@ -289,7 +289,7 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
 
     from vitkit.model import vit
 
-    if fused and not vit._ONEDNN_LINEAR:
+    if fused and not vit.ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     assert vit.cpu_inference_projections() in ("oneDNN", "BLAS")  # the probe runs
     monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: fused)
@@ -369,7 +369,7 @@ def test_bf16_inference_path_equals_the_bf16_training_path(fused, monkeypatch):
     to bf16's precision, and the probe is asked about bf16, not fp32."""
     from vitkit.model import vit
 
-    if fused and not vit._ONEDNN_LINEAR:
+    if fused and not vit.ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     asked: list[torch.dtype] = []
     monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: asked.append(dtype) or fused)

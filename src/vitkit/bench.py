@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
-from vitkit.model.vit import cpu_inference_projections
+from vitkit.model.vit import ONEDNN_LINEAR, cpu_inference_projections
 
 BENCH_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as `vitkit train --precision` takes them
 
@@ -42,17 +42,11 @@ def default_precision(device: torch.device) -> str:
     return "bf16-mixed" if device.type == "cuda" else "32-true"
 
 
-def matmul_peak_gflops(device: torch.device, size: int | None = None, repeats: int = 8,
-                       dtype: torch.dtype = torch.float32, seconds: float = 5.0) -> float:
-    """Best observed matrix-product rate in dtype, of any library (matmul_peaks): the ceiling a step
-    is compared with."""
-    return max(matmul_peaks(device, size, repeats, dtype, seconds).values())
-
-
 def matmul_peaks(device: torch.device, size: int | None = None, repeats: int = 8,
                  dtype: torch.dtype = torch.float32, seconds: float = 5.0) -> dict[str, float]:
     """GFLOP/s of a square product in dtype, best of `repeats`, for each library PyTorch multiplies
-    with here: torch.mm (BLAS on the CPU, cuBLAS on CUDA) and, on the CPU, oneDNN's linear.
+    with here: torch.mm (BLAS on the CPU, cuBLAS on CUDA) and, on the CPU, oneDNN's linear. The best of
+    them is the peak a step is compared with.
 
     Both count because either can run a step's products (vitkit's CPU inference uses oneDNN where it
     pays), and BLAS alone can understate the ceiling: on a Zen 4 EPYC oneDNN's fp32 product ran
@@ -72,8 +66,7 @@ def matmul_peaks(device: torch.device, size: int | None = None, repeats: int = 8
 def square_products(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """a @ b by each library matmul_peaks times, by name."""
     products: dict[str, Callable[[], torch.Tensor]] = {"mm": lambda: a @ b}
-    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    if a.device.type == "cpu" and onednn:
+    if a.device.type == "cpu" and ONEDNN_LINEAR:
         weight = b.t().contiguous()  # linear multiplies by its weight's transpose
         products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
     return products

@@ -32,7 +32,7 @@ from vitkit.model.config import ViTConfig
 EXPLICIT_ATTENTION_MAX_TOKENS = 128
 
 # oneDNN's fused linear (a private op, present in builds with oneDNN); see _linear_weights.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 __all__ = [
     "Attention",
@@ -84,7 +84,7 @@ def onednn_linear_pays(dtype: torch.dtype = torch.float32) -> bool:
     and its GELU epilogue cost more than a separate pass: the MLP took 1.3x as long, and inference fell
     from 1.15x timm's with BLAS to 0.95x.
     """
-    if not _ONEDNN_LINEAR:
+    if not ONEDNN_LINEAR:
         return False
     # Out of any dispatch mode the first inference call runs under: a FLOP counter would count the
     # probe as the model's work, a fake-tensor mode would time nothing and fix the choice for good.
