@@ -548,7 +548,7 @@ def test_time_budget_schedule_only_moves_forward_when_the_speed_swings():
     """Step times swinging between 0.1 and 0.17 s every 80 steps, as a shared machine's did (437 to 760
     images/s from one epoch to the next): the fraction of the run done, which sets the lr and when
     mixing begins, must not step back, and the budget is still used to its end. Planned from a window
-    of recent steps, it stepped back by 0.007 of the run here (by 0.08 in that machine's 2-hour run)."""
+    of recent steps, it stepped back by 0.007 of the run here (in that machine's 2-hour run, once by 0.23)."""
     def step_seconds(step):
         return 0.17 if (step // 80) % 2 else 0.1
 
