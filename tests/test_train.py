@@ -614,6 +614,29 @@ def test_model_args_are_checked_together_with_the_top_level_settings(tmp_path):
     assert model.cls_token is None and model.global_pool == "avg"
 
 
+def test_compile_falls_back_to_eager_where_the_cpu_has_no_cpp_compiler(tmp_path, monkeypatch, caplog):
+    """A recipe with compile: true must still train on a laptop without g++ (inductor's CPU kernels
+    need one), eagerly and with a warning that names the fix; with a compiler it compiles."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from vitkit.train.run import build_model, compile_model
+
+    def no_compiler() -> str:
+        raise InvalidCxxCompiler
+
+    cfg = resolve_config(None, data=str(tmp_path), model="cifar-mini")
+    model = build_model(cfg, num_classes=10, data_size=32)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with caplog.at_level("WARNING", logger="vitkit"):
+        assert compile_model(model, cuda=False) is False
+    assert model._compiled_call_impl is None
+    assert "InvalidCxxCompiler" in caplog.text and "compile: false" in caplog.text
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    assert compile_model(model, cuda=False) is True
+    assert model._compiled_call_impl is not None  # compiled lazily, on the first forward
+
+
 @pytest.mark.slow
 def test_patch_drop_end_anneals_the_kept_tokens(tmp_path, color_folder):
     """patch_drop_rate 0.75 falling to 0: the first step keeps 4 of 16 patches, later steps keep more,

@@ -96,6 +96,27 @@ def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTra
     return model
 
 
+def compile_model(model: VisionTransformer, cuda: bool) -> bool:
+    """torch.compile the model in place and say so, or leave it eager with a warning where inductor
+    cannot build CPU kernels (no C++ compiler): a recipe that compiles only for speed still trains there.
+
+    Compiling fuses the elementwise work between the products (GELU, norms, residual sums, autocast's
+    casts), which on a CPU is bound by memory traffic, not arithmetic.
+    """
+    if not cuda:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as error:  # InvalidCxxCompiler, or a torch whose private module moved
+            log.warning("compile: true needs a C++ compiler for torch.compile on the CPU (%s: %s); training "
+                        "without it. Install g++ (or set CXX) to compile, or set compile: false.",
+                        type(error).__name__, error)
+            return False
+    model.compile()
+    return True
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
     run_dir = Path(cfg.out)
     existing = run_dir.exists() and any(run_dir.glob("*.ckpt"))
@@ -162,10 +183,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     mean, std = NORMALIZATION[cfg.normalization]
     teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
     module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher)
-    if cfg.compile:
-        model.compile()
-
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    if cfg.compile:  # after the module: its EMA copy stays eager, so validation compiles nothing
+        compile_model(model, cuda)
+
     precision = resolve_precision(cfg.precision, cuda)
     resolved = cfg.to_dict() | {"classes": classes, "model_config": model.config.to_dict(),
                                 "mean": list(mean), "std": list(std), "precision_used": precision}
