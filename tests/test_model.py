@@ -147,7 +147,7 @@ def test_cpu_training_attention_in_bf16_matches_the_fused_kernel(monkeypatch, nu
 
     def run(explicit_max_tokens: int, bf16_batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         monkeypatch.setattr(vit, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_max_tokens)
-        monkeypatch.setattr(vit, "_bf16_autocast_on_the_cpu", lambda: bf16_batched)
+        monkeypatch.setattr(vit, "bf16_autocast_on_the_cpu", lambda: bf16_batched)
         attn.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = attn(x, num_queries).float()
@@ -283,16 +283,16 @@ def _randomize_biases(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
 def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     """Inference on the CPU runs the projections through oneDNN with the bias and GELU fused in
-    where that is faster (see vit._linear_weights), else through BLAS with an in-place GELU; either
+    where that is faster (see cpu_linear.linear), else through BLAS with an in-place GELU; either
     must compute what the autograd path computes, for either GELU."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from vitkit.model import vit
+    from vitkit.model import cpu_linear
 
-    if fused and not vit.ONEDNN_LINEAR:
+    if fused and not cpu_linear.ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
-    assert vit.cpu_inference_projections() in ("oneDNN", "BLAS")  # the probe runs
-    monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: fused)
+    assert cpu_linear.cpu_inference_projections() in ("oneDNN", "BLAS")  # the probe runs
+    monkeypatch.setattr(cpu_linear, "onednn_linear_pays", lambda dtype=torch.float32: fused)
 
     class Ops(TorchDispatchMode):
         def __init__(self) -> None:
@@ -318,16 +318,16 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
 
 
 def test_the_projection_probe_is_not_counted_as_the_models_work():
-    """The first CPU inference times oneDNN against BLAS (vit.onednn_linear_pays); a FLOP counter
-    around that first call must see the model's products only."""
+    """The first CPU inference times oneDNN against BLAS (cpu_linear.onednn_linear_pays); a FLOP
+    counter around that first call must see the model's products only."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitkit.model import vit
+    from vitkit.model import cpu_linear
 
     model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
     x = torch.randn(2, 3, 16, 16)
     counts = []
-    vit.onednn_linear_pays.cache_clear()
+    cpu_linear.onednn_linear_pays.cache_clear()
     try:
         for _ in range(2):
             counter = FlopCounterMode(display=False)
@@ -335,7 +335,7 @@ def test_the_projection_probe_is_not_counted_as_the_models_work():
                 model(x)
             counts.append(counter.get_total_flops())
     finally:
-        vit.onednn_linear_pays.cache_clear()
+        cpu_linear.onednn_linear_pays.cache_clear()
     assert counts[0] == counts[1] > 0
 
 
@@ -367,12 +367,12 @@ def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():
 def test_bf16_inference_path_equals_the_bf16_training_path(fused, monkeypatch):
     """Under bf16 autocast, CPU inference through either path computes what the autograd path does,
     to bf16's precision, and the probe is asked about bf16, not fp32."""
-    from vitkit.model import vit
+    from vitkit.model import cpu_linear
 
-    if fused and not vit.ONEDNN_LINEAR:
+    if fused and not cpu_linear.ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN linear")
     asked: list[torch.dtype] = []
-    monkeypatch.setattr(vit, "onednn_linear_pays", lambda dtype=torch.float32: asked.append(dtype) or fused)
+    monkeypatch.setattr(cpu_linear, "onednn_linear_pays", lambda dtype=torch.float32: asked.append(dtype) or fused)
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", depth=2).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
-from vitkit.model.vit import ONEDNN_LINEAR, cpu_inference_projections
+from vitkit.model.cpu_linear import ONEDNN_LINEAR, cpu_inference_projections
 
 BENCH_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as `vitkit train --precision` takes them
 

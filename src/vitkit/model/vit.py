@@ -9,30 +9,25 @@ image (B, C, H, W)
 
 Parameter names equal timm's VisionTransformer (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.attn.qkv``, ...), so a timm state dict of the same configuration loads with strict=True.
-This module imports nothing else of vitkit's but its config: checkpoint formats live in
-``vitkit.weights``.
+This module imports nothing else of vitkit's but its config and ``cpu_linear`` (the projections'
+faster path in CPU inference): checkpoint formats live in ``vitkit.weights``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes  # private; see onednn_linear_pays
 
 from vitkit.model.config import ViTConfig
+from vitkit.model.cpu_linear import bf16_autocast_on_the_cpu, linear
 
 # Training on the CPU, sequences up to this length use explicit attention (faster there than the
 # flash kernel): head by head in fp32 (see Attention._attend_head_by_head), batched in bf16.
 EXPLICIT_ATTENTION_MAX_TOKENS = 128
-
-# oneDNN's fused linear (a private op, present in builds with oneDNN); see _linear_weights.
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 __all__ = [
     "Attention",
@@ -48,117 +43,16 @@ __all__ = [
 ]
 
 
-def _bf16_autocast_on_the_cpu() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
-def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype in which x's projections go through oneDNN, or None for the standard ops: eager
-    inference on the CPU only, in fp32, or in bf16 under bf16 autocast (casting the operands here,
-    since autocast does not cast a private op's), where this CPU runs them faster that way.
-    Training, tracing and export keep the standard ops."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.bfloat16 if _bf16_autocast_on_the_cpu() else None
-    else:
-        dtype = torch.float32 if x.dtype == torch.float32 else None
-    return dtype if dtype is not None and onednn_linear_pays(dtype) else None
-
-
-def cpu_inference_projections(dtype: torch.dtype = torch.float32) -> str:
-    """Which path eager CPU inference in dtype (fp32, or bf16 autocast) takes for the blocks'
-    projections: "oneDNN" or "BLAS"."""
-    return "oneDNN" if onednn_linear_pays(dtype) else "BLAS"
-
-
-@functools.cache
-def onednn_linear_pays(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN's fused projections (see _linear_weights) beat PyTorch's BLAS path on this CPU
-    in dtype, timed once per process and dtype (about 0.1 s) on an MLP's two projections, GELU
-    included; False where this PyTorch build lacks the op.
-
-    It depends on the chip, not on its flags. With oneDNN, 2 cores of one AVX2 EPYC (matmul peak
-    105-135 GFLOP/s) inferred 1.45x as fast as timm, an AVX-512 Xeon and a Zen 4 EPYC 1.2-1.4x; on a
-    Zen 3 EPYC, also AVX2 (peak 184), oneDNN's products ran at 140-148 GFLOP/s against BLAS's 172-175
-    and its GELU epilogue cost more than a separate pass: the MLP took 1.3x as long, and inference fell
-    from 1.15x timm's with BLAS to 0.95x.
-    """
-    if not ONEDNN_LINEAR:
-        return False
-    # Out of any dispatch mode the first inference call runs under: a FLOP counter would count the
-    # probe as the model's work, a fake-tensor mode would time nothing and fix the choice for good.
-    with _disable_current_modes():
-        # bf16 on fewer rows: where this CPU emulates bf16 products (AVX2), 2048 would take seconds.
-        return _time_fused_and_blas(rows=2048 if dtype == torch.float32 else 512, dtype=dtype)
-
-
-def _time_fused_and_blas(rows: int = 2048, dim: int = 192, hidden: int = 768, repeats: int = 5,
-                         dtype: torch.dtype = torch.float32) -> bool:
-    """Whether cifar-tiny's MLP on `rows` tokens runs faster fused (best of `repeats` each)."""
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device="cpu").to(dtype)
-
-    x = randn(rows, dim)
-    w1, b1 = randn(hidden, dim) * dim**-0.5, torch.zeros(hidden, dtype=dtype)
-    w2, b2 = randn(dim, hidden) * hidden**-0.5, torch.zeros(dim, dtype=dtype)
-
-    def fused() -> torch.Tensor:
-        h = torch.ops.mkldnn._linear_pointwise(x, w1, b1, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
-
-    def blas() -> torch.Tensor:
-        return F.linear(torch.ops.aten.gelu_(F.linear(x, w1, b1)), w2, b2)
-
-    best = {fused: float("inf"), blas: float("inf")}
-    with torch.inference_mode():
-        for mlp in best:  # warm-up: oneDNN builds its kernels on the first call
-            mlp()
-        for _ in range(repeats):  # alternating, so a slow moment of the machine hits both
-            for mlp in best:
-                start = time.perf_counter()
-                mlp()
-                best[mlp] = min(best[mlp], time.perf_counter() - start)
-    return best[fused] < best[blas]
-
-
-def _linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    gelu: str | None = None) -> torch.Tensor:
-    """F.linear, followed by GELU (of that approximation, "none" or "tanh") if gelu is given.
-
-    In inference on the CPU it runs as one oneDNN matmul with the bias and the GELU in its epilogue:
-    PyTorch's BLAS path first copies the bias into every output row, multiplies, and then reads and
-    writes the hidden activations once more for the GELU. The fused bias made inference of a CIFAR
-    ViT 12-16% faster on 2 cores of an AVX2 EPYC; the fused GELU and the attention output projection
-    added 5% on an AVX-512 Xeon (the same results up to fp32 rounding). On CPUs where it is slower
-    (onednn_linear_pays), the BLAS path stays. Under bf16 autocast it runs in bf16, as F.linear
-    would there: on a Xeon with AMX the bias fused made fc1 1.39x as fast (1.00 against 1.40 ms).
-    """
-    dtype = _onednn_dtype(x)
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none" if gelu is None else "gelu", [], gelu or "")
-    y = F.linear(x, weight, bias)
-    if gelu is None:
-        return y
-    if y.requires_grad:
-        return F.gelu(y, approximate=gelu)
-    return torch.ops.aten.gelu_(y, approximate=gelu)  # inference: in place, sparing a hidden-sized buffer
-
-
 def _is_plain(module: nn.Module, kind: type) -> bool:
     """module is exactly a `kind`, without hooks: its forward may be replaced by the same function."""
     return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) by _linear_weights for a plain nn.Linear; anything else (a LoRA wrapper, a quantised
+    """layer(x) by cpu_linear.linear for a plain nn.Linear; anything else (a LoRA wrapper, a quantised
     layer, a hooked one) is called as itself."""
     if _is_plain(layer, nn.Linear):
-        return _linear_weights(x, layer.weight, layer.bias)
+        return linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
@@ -262,8 +156,8 @@ class Attention(nn.Module):
         # fused weight, sliced, so checkpoints do not change.
         D = x.shape[-1]
         weight, bias = self.qkv.weight, self.qkv.bias
-        q = _linear_weights(x[:, :num_queries], weight[:D], None if bias is None else bias[:D])
-        kv = _linear_weights(x, weight[D:], None if bias is None else bias[D:])
+        q = linear(x[:, :num_queries], weight[:D], None if bias is None else bias[:D])
+        kv = linear(x, weight[D:], None if bias is None else bias[D:])
         return q, kv
 
     def _qkv(self, x: torch.Tensor, num_queries: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -279,7 +173,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """Self-attention; with num_queries, only the first num_queries tokens' outputs are computed."""
         if x.device.type == "cpu" and torch.is_grad_enabled() and x.shape[1] <= EXPLICIT_ATTENTION_MAX_TOKENS:
-            if not _bf16_autocast_on_the_cpu():
+            if not bf16_autocast_on_the_cpu():
                 return self.proj_drop(_linear(self.proj, self._attend_head_by_head(x, num_queries)))
             # In bf16 the batched products beat head by head: oneDNN's bf16 batched product copies
             # each strided head into a dense one, which costs more than the batched form's single
@@ -331,7 +225,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_plain(self.fc1, nn.Linear) and _is_plain(self.act, nn.GELU):
-            h = _linear_weights(x, self.fc1.weight, self.fc1.bias, gelu=self.act.approximate)
+            h = linear(x, self.fc1.weight, self.fc1.bias, gelu=self.act.approximate)
         else:  # a wrapped or hooked layer is called as itself
             h = self.act(_linear(self.fc1, x))
         return self.drop2(_linear(self.fc2, self.drop1(h)))
