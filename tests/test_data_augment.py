@@ -223,3 +223,30 @@ def test_mix_false_leaves_the_batch_unmixed():
     augment = BatchAugment(AugmentConfig(hflip=False, mixup_alpha=1.0), 8, 4, VIT_MEAN, VIT_STD)
     out, targets = augment(x, y, gen(), mix=False)
     assert targets.dtype == torch.int64 and torch.equal(out, preprocess(x, 8, VIT_MEAN, VIT_STD))
+
+
+def test_view_targets_see_each_samples_crop_and_are_mixed_as_the_labels():
+    """A cached teacher is asked for the view each sample was cropped to: the offsets and flips it is
+    handed reproduce the images, asking changes no draw, and mixing weighs its answers by the labels' lam."""
+    x, y = images(16, 16), torch.arange(16) % 10
+    config = AugmentConfig(crop_padding=4, mixup_alpha=0.8, cutmix_alpha=1.0)
+    augment = BatchAugment(config, 16, 10, VIT_MEAN, VIT_STD)
+    seen = []
+
+    def one_hot_of_view(offset_y, offset_x, flip):  # answers with the labels, so mixed = the targets
+        seen.append((offset_y, offset_x, flip))
+        return F.one_hot(y, 10).float()
+
+    for seed in range(4):
+        plain, plain_targets = augment(x, y, gen(seed))
+        out, targets, soft = augment(x, y, gen(seed), view_targets=one_hot_of_view)
+        assert torch.equal(out, plain) and torch.equal(targets, plain_targets)
+        assert torch.allclose(soft, targets.float() if targets.ndim == 2 else F.one_hot(y, 10).float())
+        unmixed, _, _ = augment(x, y, gen(seed), mix=False, view_targets=one_hot_of_view)
+        assert torch.equal(unmixed, preprocess(aug.crop_flip(x, *seen[-1]), 16, VIT_MEAN, VIT_STD))
+        offset_y, offset_x, flip = seen[-1]
+        assert offset_y.abs().max() <= 4 and offset_x.abs().max() <= 4 and flip.dtype == torch.bool
+    assert any(t.ndim == 2 for t in [augment(x, y, gen(s))[1] for s in range(4)])  # some batch was mixed
+    with pytest.raises(ValueError, match="random_resized_crop"):
+        BatchAugment(AugmentConfig(random_resized_crop=True), 16, 10, VIT_MEAN, VIT_STD)(
+            x, y, gen(), view_targets=one_hot_of_view)

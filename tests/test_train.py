@@ -760,11 +760,56 @@ def test_teacher_sees_the_students_pixels_in_its_own_normalisation_size_and_clas
         load_teacher(tmp_path / "teacher.safetensors", ["blue", "green", "cyan"], CIFAR10_MEAN, CIFAR10_STD)
 
 
+def test_teacher_cache_answers_for_the_view_nearest_each_crop(tmp_path):
+    """distill_cache asks the teacher once per image and grid view (offsets -3, 0, 3 for padding 4,
+    flipped or not): a lookup returns exactly its answer on that view, and an off-grid crop the answer
+    of the view within a pixel of it, with its own flip."""
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, crop_flip, preprocess
+    from vitkit.model import VisionTransformer, get_config
+    from vitkit.train.distill import TeacherCache, cache_shifts, load_teacher
+    from vitkit.weights import save_vitkit
+
+    assert cache_shifts(4) == (-3, 0, 3) and cache_shifts(0) == (0,) and cache_shifts(1) == (-1, 0, 1)
+    torch.manual_seed(0)
+    model = VisionTransformer(get_config("cifar-mini", img_size=16, depth=1, num_classes=3)).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    save_vitkit(tmp_path / "teacher.safetensors", model, classes=["a", "b", "c"], mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    teacher = load_teacher(tmp_path / "teacher.safetensors", ["a", "b", "c"], CIFAR10_MEAN, CIFAR10_STD)
+    images = ImageSet(torch.tensor([0, 1, 2, 0, 1]), ["a", "b", "c"],
+                      torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8))
+    cache = TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
+                         std=CIFAR10_STD, batch_size=2)
+    assert cache.probs.shape == (5, 18, 3) and cache.probs.dtype == torch.float16
+
+    def asked(index, y, x, flip):
+        one = [torch.tensor([v]) for v in (y, x, flip)]
+        return teacher.probabilities(preprocess(crop_flip(images.images[index:index + 1], *one), 16,
+                                                CIFAR10_MEAN, CIFAR10_STD))[0]
+
+    indices = torch.tensor([4, 0, 2, 2, 1])
+    offset_y, offset_x = torch.tensor([-3, 0, 3, 4, -2]), torch.tensor([3, 0, -3, 1, -4])
+    flip = torch.tensor([True, False, True, False, True])
+    got = cache.probabilities(indices, offset_y, offset_x, flip)
+    on_grid = [(-3, 3), (0, 0), (3, -3), (3, 0), (-3, -3)]  # 4 -> 3, 1 -> 0, -2 -> -3, -4 -> -3
+    for row, (i, (y, x), f) in enumerate(zip(indices.tolist(), on_grid, flip.tolist(), strict=True)):
+        torch.testing.assert_close(got[row], asked(i, y, x, f), atol=1e-3, rtol=1e-3)  # fp16 storage
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # images and views told apart
+    streamed = ImageSet(torch.tensor([0]), ["a", "b", "c"], paths=["x.png"], image_size=16)
+    with pytest.raises(ValueError, match="streamed"):
+        TeacherCache(teacher, streamed, 4, True, 16, CIFAR10_MEAN, CIFAR10_STD)
+    with pytest.raises(ValueError, match="--teacher"):
+        resolve_config(None, data="unused", distill_cache=True)
+    with pytest.raises(ValueError, match="random_resized_crop"):
+        resolve_config(None, data="unused", teacher="t", distill_cache=True, augment={"random_resized_crop": True})
+
+
 @pytest.mark.slow
-def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_folder, trained_run):
+@pytest.mark.parametrize("cached", [False, True], ids=["teacher every step", "distill_cache"])
+def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_folder, trained_run, cached):
     """With distill_weight 1 the labels do not enter the loss: a teacher whose class names are rotated
     (its green is blue, its red green, its blue red) makes the student answer as that teacher does,
-    not as the labels say. The teacher's weights stay out of the student's checkpoint."""
+    not as the labels say, whether it answers every step or once into its cache. The teacher's weights
+    stay out of the student's checkpoint."""
     from vitkit.weights import load_vitkit, save_vitkit
 
     model, meta = load_vitkit(trained_run.run_dir / "model.safetensors")
@@ -775,7 +820,8 @@ def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_fol
     rotated = tmp_path / "rotated.safetensors"
     save_vitkit(rotated, model, classes=["green", "red", "blue"], mean=meta["mean"], std=meta["std"])
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "student"), val_fraction=0.25,
-                         **dict(TINY_TRAIN, epochs=4, teacher=str(rotated), distill_weight=1.0))
+                         **dict(TINY_TRAIN, epochs=4, teacher=str(rotated), distill_weight=1.0,
+                                distill_cache=cached, augment={"hflip": True, "crop_padding": 2}))
     result = train(cfg)
     validation = np.load(result.run_dir / "val_predictions.npz")
     student = torch.from_numpy(validation["probs"]).argmax(-1)

@@ -139,6 +139,9 @@ def build_parser() -> Parser:
     t.add_argument("--teacher", help="distil from this trained classifier (run dir, .ckpt or .safetensors), "
                    "which sees the same augmented batches")
     t.add_argument("--distill-weight", type=positive_float, help="the teacher's share of the loss (default 0.5)")
+    t.add_argument("--distill-cache", action="store_true", default=None,
+                   help="ask the teacher once, before training, for every image on a grid of crops and flips, "
+                   "instead of a forward pass every step")
     t.add_argument("--resample-patch", action="store_true", default=None,
                    help="allow --init weights of another patch size (kernel resampled)")
     t.add_argument("--layer-decay", type=positive_float, help="layer-wise lr decay, e.g. 0.75")
@@ -259,7 +262,7 @@ TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "schedule", "label_smoothing", "drop_path_rate", "drop_rate",
     "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
-    "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight", "layer_decay", "freeze",
+    "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight", "distill_cache", "layer_decay", "freeze",
     "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices", "num_nodes", "strategy",
     "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]

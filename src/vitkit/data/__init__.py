@@ -15,6 +15,8 @@ from vitkit.data.augment import (
     VIT_STD,
     AugmentConfig,
     BatchAugment,
+    ViewTargets,
+    crop_flip,
     preprocess,
 )
 from vitkit.data.bench import CIFAR_BENCH_CONFIG, bench_augment, bench_data
@@ -42,8 +44,10 @@ __all__ = [
     "BatchAugment",
     "DataSplits",
     "ImageSet",
+    "ViewTargets",
     "bench_augment",
     "bench_data",
+    "crop_flip",
     "decode_image",
     "format_inspection",
     "holdout_split",

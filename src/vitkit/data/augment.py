@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,9 @@ VIT_MEAN = (0.5, 0.5, 0.5)  # the original ViT / AugReg checkpoints: inputs in [
 VIT_STD = (0.5, 0.5, 0.5)
 
 AUTO_AUGMENTS = (None, "trivial", "randaugment")
+# Soft targets that depend on the view a sample was cropped to: called with its (offset_y, offset_x,
+# flip), each (B,), and returning (B, num_classes) probabilities, as a cached distillation teacher does.
+ViewTargets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _BINS = 31  # magnitude bins of TrivialAugmentWide and RandAugment
 
 
@@ -118,26 +121,43 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 def random_crop_flip(
     images: torch.Tensor, padding: int, hflip: bool, rnd: _Random, padding_mode: str = "constant"
 ) -> torch.Tensor:
-    """Per-sample random crop (after virtual padding) and horizontal flip, as one gather.
+    """Per-sample random crop (after virtual padding) and horizontal flip, as one gather."""
+    if padding_mode == "reflect" and padding >= min(images.shape[-2:]):
+        raise ValueError(f"reflect padding {padding} needs images larger than {padding} pixels")
+    return crop_flip(images, *draw_crop_flip(images.shape[0], padding, hflip, rnd), padding_mode)
+
+
+def draw_crop_flip(batch: int, padding: int, hflip: bool, rnd: _Random) -> tuple[torch.Tensor, ...]:
+    """Per-sample (offset_y, offset_x, flip): offsets uniform in -padding..padding, flips with p 0.5."""
+    zeros = torch.zeros(batch, dtype=torch.long, device=rnd.device)
+    offset_y = rnd.randint(2 * padding + 1, batch) - padding if padding > 0 else zeros
+    offset_x = rnd.randint(2 * padding + 1, batch) - padding if padding > 0 else zeros
+    flip = rnd.rand(batch) < 0.5 if hflip else zeros.bool()
+    return offset_y, offset_x, flip
+
+
+def crop_flip(
+    images: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor,
+    padding_mode: str = "constant",
+) -> torch.Tensor:
+    """Each image moved by its own (offset_y, offset_x) pixels, the window of its virtually padded
+    copy, then mirrored where flip: one gather.
 
     No padded copy is made: each output pixel indexes the source directly; out-of-image pixels are zero
     (constant) or mirrored (reflect).
     """
     batch, _, height, width = images.shape
     device = images.device
-    rows = torch.arange(height, device=device).expand(batch, height)
-    cols = torch.arange(width, device=device).expand(batch, width)
-    if padding > 0:
-        if padding_mode == "reflect" and padding >= min(height, width):
-            raise ValueError(f"reflect padding {padding} needs images larger than {padding} pixels")
-        rows = rows + (rnd.randint(2 * padding + 1, batch) - padding)[:, None]
-        cols = cols + (rnd.randint(2 * padding + 1, batch) - padding)[:, None]
-    if hflip:
-        cols = torch.where((rnd.rand(batch) < 0.5)[:, None], cols.flip(1), cols)
+    reach = int(max(offset_y.abs().max(), offset_x.abs().max())) if batch else 0
+    if padding_mode == "reflect" and reach >= min(height, width):
+        raise ValueError(f"reflect padding {reach} needs images larger than {reach} pixels")
+    rows = torch.arange(height, device=device) + offset_y.to(device)[:, None]
+    cols = torch.arange(width, device=device) + offset_x.to(device)[:, None]
+    cols = torch.where(flip.to(device)[:, None], cols.flip(1), cols)
     valid = None
-    if padding > 0 and padding_mode == "reflect":
+    if reach > 0 and padding_mode == "reflect":
         rows, cols = _reflect(rows, height), _reflect(cols, width)
-    elif padding > 0:
+    elif reach > 0:
         valid = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
         rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
     channels_last = images.permute(0, 2, 3, 1)  # gather whole RGB triples at once
@@ -373,10 +393,15 @@ class BatchAugment(torch.nn.Module):
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
-        mix: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mix: bool = True, view_targets: ViewTargets | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Augmented, normalised images and targets; mix=False leaves this batch unmixed (a schedule
-        may switch mixup/cutmix on late)."""
+        may switch mixup/cutmix on late).
+
+        view_targets, if given, is called with each sample's crop offsets and flip and returns
+        per-sample soft targets for that view (a distillation teacher's cached probabilities); they are
+        mixed as the labels are and returned third.
+        """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchAugment expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         cfg = self.config
@@ -385,10 +410,17 @@ class BatchAugment(torch.nn.Module):
         rnd = _Random(generator, device)
         batch, _, height, width = images.shape
         x = images
+        soft = None
         if cfg.random_resized_crop:
+            if view_targets is not None:
+                raise ValueError("targets per view need the padded crop (crop_padding), not random_resized_crop")
             x = random_resized_crop(x, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, rnd)
-        elif cfg.crop_padding > 0 or cfg.hflip:
-            x = random_crop_flip(x, cfg.crop_padding, cfg.hflip, rnd, cfg.padding_mode)
+        else:
+            view = draw_crop_flip(batch, cfg.crop_padding, cfg.hflip, rnd)
+            if cfg.crop_padding > 0 or cfg.hflip:
+                x = crop_flip(x, *view, cfg.padding_mode)
+            if view_targets is not None:
+                soft = view_targets(*view)
         if cfg.auto_augment is not None:
             table, signed = self._table(height, width, device)
             randaugment = cfg.auto_augment == "randaugment"
@@ -399,9 +431,10 @@ class BatchAugment(torch.nn.Module):
         out = preprocess(x, self.image_size, self.mean, self.std)
         if cfg.random_erasing > 0:
             out = random_erasing(out, cfg.random_erasing, rnd)
+        targets: torch.Tensor = labels
         if cfg.mixes and mix:
-            return mix_batch(out, labels, self.num_classes, cfg, rnd)
-        return out, labels
+            out, targets, soft = mix_batch(out, labels, self.num_classes, cfg, rnd, soft)
+        return (out, targets) if view_targets is None else (out, targets, soft)
 
 
 def preprocess(images: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -458,18 +491,21 @@ def _beta(alpha: float, rnd: _Random) -> float:
 
 
 def mix_batch(
-    x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: AugmentConfig, rnd: _Random
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: AugmentConfig, rnd: _Random,
+    soft: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mixup or CutMix with the batch in reverse order; one lambda per batch from Beta(alpha, alpha).
 
     Returns int64 labels when this batch is not mixed (mix_prob), else float (B, num_classes) targets
-    ``lam * onehot(y) + (1 - lam) * onehot(y reversed)``, with lam corrected to the real CutMix box area.
+    ``lam * onehot(y) + (1 - lam) * onehot(y reversed)``, with lam corrected to the real CutMix box area;
+    soft (B, num_classes) targets, if given, are mixed with the same lam (a teacher's probabilities for
+    the unmixed views: for CutMix, its answer weighted by area, not its answer on the pasted image).
     """
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     apply_draw, pick_draw, top_draw, left_draw = rnd.scalars(4)
     if apply_draw >= cfg.mix_prob:
-        return x, labels
+        return x, labels, soft
     use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or pick_draw < 0.5)
     lam = _beta(cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha, rnd)
     partner = x.flip(0)
@@ -486,4 +522,6 @@ def mix_batch(
     else:
         x = x.mul(lam).add_(partner, alpha=1.0 - lam)
     one_hot = F.one_hot(labels, num_classes).to(x.dtype)
-    return x, one_hot.mul(lam).add_(one_hot.flip(0), alpha=1.0 - lam)
+    if soft is not None:
+        soft = soft.mul(lam).add_(soft.flip(0), alpha=1.0 - lam)
+    return x, one_hot.mul(lam).add_(one_hot.flip(0), alpha=1.0 - lam), soft

@@ -65,6 +65,7 @@ class TrainConfig:
     # distillation
     teacher: str | None = None  # a trained classifier (run dir, .ckpt, .safetensors) whose probabilities teach
     distill_weight: float = 0.5  # loss = (1 - w) * CE(labels) + w * CE(teacher's probabilities)
+    distill_cache: bool = False  # ask the teacher once, before training, on a grid of views (distill.TeacherCache)
     # optimisation
     epochs: int = 10
     max_steps: int | None = None
@@ -129,6 +130,11 @@ class TrainConfig:
         if not 0 < self.distill_weight <= 1:
             raise ValueError(f"distill_weight={self.distill_weight}: the teacher's share of the loss, in (0, 1], "
                              "e.g. 0.5")
+        if self.distill_cache and not self.teacher:
+            raise ValueError("distill_cache: true caches a teacher's answers; pass --teacher RUN as well")
+        if self.distill_cache and self.augment.get("random_resized_crop"):
+            raise ValueError("distill_cache stores views of the padded crop (augment: crop_padding); it cannot "
+                             "follow random_resized_crop: drop one of them")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1]")
         if self.patch_drop_end is not None and not 0 <= self.patch_drop_end < 1:

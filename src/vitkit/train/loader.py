@@ -49,6 +49,7 @@ class TrainBatches:
         self.epoch = 0
         self.completed = 0  # batches of self.epoch finished (optimizer step taken)
         self._resume_at: tuple[int, int] | None = None
+        self._order: tuple[int, list[torch.Tensor]] | None = None  # (epoch, its batches), for indices()
 
     def __len__(self) -> int:
         return (len(self.images) // self.world_size) // self.batch_size
@@ -57,6 +58,14 @@ class TrainBatches:
         order = epoch_permutation(len(self.images), self.seed, epoch)
         mine = order[self.rank :: self.world_size]
         return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+
+    def indices(self, step_key: torch.Tensor) -> torch.Tensor:
+        """The training-set indices of the batch a step_key names: for per-image state such as a
+        distillation teacher's cached answers."""
+        epoch, index = (int(v) for v in step_key.tolist())
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.batch_indices(epoch))
+        return self._order[1][index]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self.epoch, start = self.current_epoch(), 0

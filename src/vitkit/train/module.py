@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchAugment, preprocess
+from vitkit.data import AugmentConfig, BatchAugment, ImageSet, preprocess
 from vitkit.model import VisionTransformer, flip_averaged_log_probs
 from vitkit.train.config import TrainConfig
-from vitkit.train.distill import Teacher
+from vitkit.train.distill import Teacher, TeacherCache
 from vitkit.train.muon import MuonAdamW
 
 log = logging.getLogger("vitkit")
@@ -109,10 +109,13 @@ class ViTClassifier(L.LightningModule):
 
     def __init__(self, model: VisionTransformer, cfg: TrainConfig, classes: list[str],
                  mean: tuple[float, ...], std: tuple[float, ...], train_size: int,
-                 teacher: Teacher | None = None) -> None:
+                 teacher: Teacher | None = None, teacher_images: ImageSet | None = None) -> None:
+        """teacher_images: the training set, when the teacher's answers are to be cached
+        (distill_cache) once training starts, on the device and in the precision it trains in."""
         super().__init__()
         self.model = model
-        self.teacher = teacher
+        self.teacher: Teacher | TeacherCache | None = teacher
+        self._teacher_images = teacher_images
         self.cfg = cfg
         self.classes = classes
         self.mean, self.std = tuple(mean), tuple(std)
@@ -241,6 +244,14 @@ class ViTClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher is not None:  # not a submodule (see Teacher), so Lightning does not move it
             self.teacher.to(self.device)
+        if self._teacher_images is not None and isinstance(self.teacher, Teacher):
+            # the teacher answers in the precision the student trains in ("bf16-mixed", "16-mixed", "32-true")
+            autocast = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(self.trainer.precision).split("-")[0])
+            aug = self.augment.config
+            self.teacher = TeacherCache(self.teacher, self._teacher_images, aug.crop_padding, aug.hflip,
+                                        self.augment.image_size, self.mean, self.std, aug.padding_mode,
+                                        device=self.device, autocast=autocast)
+            self._teacher_images = None
         if self.cfg.nonfinite == "skip" and self.trainer.world_size > 1:
             raise ValueError("--on-nonfinite skip (nonfinite: skip) works with one process only; "
                              "Lightning cannot skip a step in distributed training")
@@ -257,7 +268,13 @@ class ViTClassifier(L.LightningModule):
         # mix_start: mixing only once the model has begun to fit its data; asked every step, since a
         # time budget re-plans the run's length.
         mix = self.global_step >= self.cfg.mix_start * self.total_steps()
-        x, targets = self.augment(images, labels, generator=generator, mix=mix)
+        taught = None  # the teacher's probabilities, from its cache
+        if isinstance(self.teacher, TeacherCache):
+            indices, cache = self.trainer.train_dataloader.indices(key), self.teacher
+            x, targets, taught = self.augment(images, labels, generator=generator, mix=mix,
+                                              view_targets=lambda *view: cache.probabilities(indices, *view))
+        else:
+            x, targets = self.augment(images, labels, generator=generator, mix=mix)
         if self.cfg.patch_drop_end is not None or self.cfg.patch_drop_until is not None:
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         side = self.train_resolution(self.global_step)
@@ -265,8 +282,10 @@ class ViTClassifier(L.LightningModule):
         logits = self.model(seen)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
         if self.teacher is not None:  # the teacher sees the full-resolution images it was trained on
+            if taught is None:
+                taught = self.teacher.probabilities(x)
             w = self.cfg.distill_weight
-            loss = (1 - w) * loss + w * F.cross_entropy(logits, self.teacher.probabilities(x))  # soft targets
+            loss = (1 - w) * loss + w * F.cross_entropy(logits, taught)  # soft targets
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
             loader.mark_completed(int(key[1]))

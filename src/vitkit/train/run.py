@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     model = build_model(cfg, len(classes), splits.image_size)
     mean, std = NORMALIZATION[cfg.normalization]
     teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
-    module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher)
+    module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher,
+                           teacher_images=splits.train if teacher is not None and cfg.distill_cache else None)
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cfg.compile:  # after the module: its EMA copy stays eager, so validation compiles nothing
         compile_model(model, cuda)
