@@ -122,9 +122,7 @@ def random_crop_flip(
     images: torch.Tensor, padding: int, hflip: bool, rnd: _Random, padding_mode: str = "constant"
 ) -> torch.Tensor:
     """Per-sample random crop (after virtual padding) and horizontal flip, as one gather."""
-    if padding_mode == "reflect" and padding >= min(images.shape[-2:]):
-        raise ValueError(f"reflect padding {padding} needs images larger than {padding} pixels")
-    return crop_flip(images, *draw_crop_flip(images.shape[0], padding, hflip, rnd), padding_mode)
+    return crop_flip(images, *draw_crop_flip(images.shape[0], padding, hflip, rnd), padding_mode, reach=padding)
 
 
 def draw_crop_flip(batch: int, padding: int, hflip: bool, rnd: _Random) -> tuple[torch.Tensor, ...]:
@@ -138,17 +136,19 @@ def draw_crop_flip(batch: int, padding: int, hflip: bool, rnd: _Random) -> tuple
 
 def crop_flip(
     images: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor,
-    padding_mode: str = "constant",
+    padding_mode: str = "constant", reach: int | None = None,
 ) -> torch.Tensor:
     """Each image moved by its own (offset_y, offset_x) pixels, the window of its virtually padded
     copy, then mirrored where flip: one gather.
 
     No padded copy is made: each output pixel indexes the source directly; out-of-image pixels are zero
-    (constant) or mirrored (reflect).
+    (constant) or mirrored (reflect). reach bounds the offsets' size: a caller that drew them passes
+    its padding; otherwise it is read from the offsets, which on a GPU waits for the device.
     """
     batch, _, height, width = images.shape
     device = images.device
-    reach = int(max(offset_y.abs().max(), offset_x.abs().max())) if batch else 0
+    if reach is None:
+        reach = int(max(offset_y.abs().max(), offset_x.abs().max())) if batch else 0
     if padding_mode == "reflect" and reach >= min(height, width):
         raise ValueError(f"reflect padding {reach} needs images larger than {reach} pixels")
     rows = torch.arange(height, device=device) + offset_y.to(device)[:, None]
@@ -418,7 +418,7 @@ class BatchAugment(torch.nn.Module):
         else:
             view = draw_crop_flip(batch, cfg.crop_padding, cfg.hflip, rnd)
             if cfg.crop_padding > 0 or cfg.hflip:
-                x = crop_flip(x, *view, cfg.padding_mode)
+                x = crop_flip(x, *view, cfg.padding_mode, reach=cfg.crop_padding)
             if view_targets is not None:
                 soft = view_targets(*view)
         if cfg.auto_augment is not None:
