@@ -760,23 +760,35 @@ def test_teacher_sees_the_students_pixels_in_its_own_normalisation_size_and_clas
         load_teacher(tmp_path / "teacher.safetensors", ["blue", "green", "cyan"], CIFAR10_MEAN, CIFAR10_STD)
 
 
+def _tiny_teacher_and_images(folder):
+    """A 1-block teacher of 3 classes saved in folder (teacher.safetensors) and 5 random 16-pixel
+    images (images.pt), both as loaded back."""
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
+    from vitkit.model import VisionTransformer, get_config
+    from vitkit.train.distill import load_teacher
+    from vitkit.weights import save_vitkit
+
+    if not (folder / "images.pt").is_file():
+        torch.manual_seed(0)
+        model = VisionTransformer(get_config("cifar-mini", img_size=16, depth=1, num_classes=3)).eval()
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        save_vitkit(folder / "teacher.safetensors", model, classes=["a", "b", "c"], mean=CIFAR10_MEAN,
+                    std=CIFAR10_STD)
+        torch.save(torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8), folder / "images.pt")
+    teacher = load_teacher(folder / "teacher.safetensors", ["a", "b", "c"], CIFAR10_MEAN, CIFAR10_STD)
+    images = ImageSet(torch.tensor([0, 1, 2, 0, 1]), ["a", "b", "c"], torch.load(folder / "images.pt"))
+    return teacher, images
+
+
 def test_teacher_cache_answers_for_the_view_nearest_each_crop(tmp_path):
     """distill_cache asks the teacher once per image and grid view (offsets -3, 0, 3 for padding 4,
     flipped or not): a lookup returns exactly its answer on that view, and an off-grid crop the answer
     of the view within a pixel of it, with its own flip."""
     from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, crop_flip, preprocess
-    from vitkit.model import VisionTransformer, get_config
-    from vitkit.train.distill import TeacherCache, cache_shifts, load_teacher
-    from vitkit.weights import save_vitkit
+    from vitkit.train.distill import TeacherCache, cache_shifts
 
     assert cache_shifts(4) == (-3, 0, 3) and cache_shifts(0) == (0,) and cache_shifts(1) == (-1, 0, 1)
-    torch.manual_seed(0)
-    model = VisionTransformer(get_config("cifar-mini", img_size=16, depth=1, num_classes=3)).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
-    save_vitkit(tmp_path / "teacher.safetensors", model, classes=["a", "b", "c"], mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    teacher = load_teacher(tmp_path / "teacher.safetensors", ["a", "b", "c"], CIFAR10_MEAN, CIFAR10_STD)
-    images = ImageSet(torch.tensor([0, 1, 2, 0, 1]), ["a", "b", "c"],
-                      torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8))
+    teacher, images = _tiny_teacher_and_images(tmp_path)
     cache = TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
                          std=CIFAR10_STD, batch_size=2)
     assert cache.probs.shape == (5, 18, 3) and cache.probs.dtype == torch.float16
@@ -801,6 +813,41 @@ def test_teacher_cache_answers_for_the_view_nearest_each_crop(tmp_path):
         resolve_config(None, data="unused", distill_cache=True)
     with pytest.raises(ValueError, match="random_resized_crop"):
         resolve_config(None, data="unused", teacher="t", distill_cache=True, augment={"random_resized_crop": True})
+
+
+def _build_cache_share(rank, folder):
+    """One process of test_teacher_cache_split_between_processes: its share, then the all-reduce."""
+    import torch.distributed as dist
+
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD
+    from vitkit.train.distill import TeacherCache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2)
+    teacher, images = _tiny_teacher_and_images(folder)
+    cache = TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
+                         std=CIFAR10_STD, batch_size=2, rank=rank, world_size=2)
+    torch.save(cache.probs, folder / f"probs{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_teacher_cache_split_between_processes(tmp_path):
+    """In distributed training each process labels its share of the images (2 and 3 of 5 here) and
+    every process ends with the whole cache, the one a single process builds."""
+    import torch.multiprocessing as mp
+
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD
+    from vitkit.train.distill import TeacherCache
+
+    teacher, images = _tiny_teacher_and_images(tmp_path)
+    alone = TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
+                         std=CIFAR10_STD, batch_size=2).probs
+    mp.spawn(_build_cache_share, args=(tmp_path,), nprocs=2)
+    first, second = (torch.load(tmp_path / f"probs{rank}.pt") for rank in (0, 1))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, alone, atol=1e-3, rtol=0)
+    assert (first.sum(-1) > 0.99).all()  # no image left out of both shares
 
 
 @pytest.mark.slow

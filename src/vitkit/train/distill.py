@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -105,13 +106,15 @@ class TeacherCache:
     ~18 epochs of its inference).
 
     probabilities(indices, offset_y, offset_x, flip) answers for the view nearest each sample's crop.
-    Stored in fp16 on the device that trains.
+    Stored in fp16 on the device that trains. In distributed training (world_size > 1, the process
+    group initialised) each process labels its share of the images and an all-reduce gives every
+    process the whole cache: the samplers hand any image to any process over the epochs.
     """
 
     def __init__(self, teacher: Teacher, images: ImageSet, padding: int, hflip: bool, image_size: int,
                  mean: Sequence[float], std: Sequence[float], padding_mode: str = "constant",
                  device: torch.device | str = "cpu", autocast: torch.dtype | None = None,
-                 batch_size: int = 512) -> None:
+                 batch_size: int = 512, rank: int = 0, world_size: int = 1) -> None:
         if images.images is None:
             raise ValueError(f"distill_cache needs the training images in memory; {images} is streamed from "
                              "files: drop distill_cache (the teacher then runs every step)")
@@ -126,9 +129,11 @@ class TeacherCache:
         start = time.monotonic()
         device = torch.device(device)
         teacher.to(device)
-        probs = torch.empty(len(images), len(views), len(images.classes), dtype=torch.float16, device=device)
-        for first in range(0, len(images), batch_size):
-            batch = images.images[first:first + batch_size].to(device)
+        # zeros outside this process's share, so that summing the shares assembles the cache exactly
+        probs = torch.zeros(len(images), len(views), len(images.classes), dtype=torch.float16, device=device)
+        share = range(len(images) * rank // world_size, len(images) * (rank + 1) // world_size)
+        for first in range(share.start, share.stop, batch_size):
+            batch = images.images[first:min(first + batch_size, share.stop)].to(device)
             n = batch.shape[0]
             for v, (y, x, f) in enumerate(views):
                 view = crop_flip(batch, torch.full((n,), y), torch.full((n,), x), torch.full((n,), f),
@@ -136,12 +141,15 @@ class TeacherCache:
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     probs[first:first + n, v] = teacher.probabilities(
                         preprocess(view, image_size, mean, std)).to(torch.float16)
+        if world_size > 1:
+            dist.all_reduce(probs)
         self.probs = probs
         centre = views.index((0, 0, False))
         agree = (probs[:, centre].argmax(-1).cpu() == images.labels).float().mean().item()
         self.seconds = time.monotonic() - start
-        log.info("distill_cache: the teacher labelled %d images x %d views in %.1f s (it agrees with %.1f%% of "
-                 "the training labels on the centre view)", len(images), len(views), self.seconds, 100 * agree)
+        log.info("distill_cache: the teacher labelled %d images x %d views in %.1f s%s (it agrees with %.1f%% of "
+                 "the training labels on the centre view)", len(images), len(views), self.seconds,
+                 f", {len(share)} of them in this process of {world_size}" if world_size > 1 else "", 100 * agree)
 
     def to(self, device: torch.device | str) -> TeacherCache:
         self.probs = self.probs.to(device)

@@ -250,7 +250,8 @@ class ViTClassifier(L.LightningModule):
             aug = self.augment.config
             self.teacher = TeacherCache(self.teacher, self._teacher_images, aug.crop_padding, aug.hflip,
                                         self.augment.image_size, self.mean, self.std, aug.padding_mode,
-                                        device=self.device, autocast=autocast)
+                                        device=self.device, autocast=autocast, rank=self.global_rank,
+                                        world_size=self.trainer.world_size)
             self._teacher_images = None
         if self.cfg.nonfinite == "skip" and self.trainer.world_size > 1:
             raise ValueError("--on-nonfinite skip (nonfinite: skip) works with one process only; "
