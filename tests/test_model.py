@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from vitkit.model import VisionTransformer, resample_pos_embed, sincos_pos_embed_2d
+from vitkit.weights import load_vitkit, save_vitkit
 
 timm = pytest.importorskip("timm")
 
@@ -163,6 +165,47 @@ def test_cpu_training_attention_in_bf16_matches_the_fused_kernel(monkeypatch, nu
             assert (grad - reference).abs().max() <= 0.03 * reference.abs().max()
 
 
+@pytest.mark.parametrize("num_queries", [None, 1], ids=["all-tokens", "class-token-only"])
+def test_locality_self_attention_on_every_path(monkeypatch, num_queries):
+    """locality_attention: softmax(q k^T * learned scale) with each token's own key masked out, the
+    same function on the fused kernel, head by head (fp32) and batched (bf16 autocast) paths, with the
+    gradient reaching the scale; checked against the definition written out."""
+    import vitkit.model.vit as vit
+
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 4, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, locality=True)
+    with torch.no_grad():
+        attn.scale.fill_(0.4)  # not the 1/sqrt(16) it starts at, so a path ignoring it would show
+    x = torch.randn(2, 17, 64)
+    q, k, v = (attn.qkv(x).unflatten(-1, (3, 4, 16)).permute(2, 0, 3, 1, 4))  # (B, heads, tokens, 16) each
+    scores = (q @ k.transpose(-2, -1) * 0.4).masked_fill(torch.eye(17, dtype=torch.bool), float("-inf"))
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, 64))[:, :num_queries]
+
+    def run(explicit_max_tokens: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(vit, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_max_tokens)
+        monkeypatch.setattr(vit, "bf16_autocast_on_the_cpu", lambda: bf16)
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = attn(x, num_queries).float()
+        out.square().sum().backward()
+        return out, attn.scale.grad.clone()
+
+    fused, fused_grad = run(0, False)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert fused_grad.abs() > 0
+    head_by_head, grad = run(128, False)
+    torch.testing.assert_close(head_by_head, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, fused_grad, rtol=1e-4, atol=1e-6)
+    batched, grad = run(128, True)
+    assert (batched - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert (grad - fused_grad).abs() <= 0.05 * fused_grad.abs()
+    _, weights = attn.forward_with_attention(x)
+    assert weights.diagonal(dim1=-2, dim2=-1).abs().max() == 0  # no token attends to itself
+    model = vitkit.create_model("cifar-mini", depth=1, locality_attention=True)
+    assert "blocks.0.attn.scale" in model.state_dict() and "blocks.0.attn.scale" not in vitkit.create_model(
+        "cifar-mini", depth=1).state_dict()
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", depth=2, drop_path_rate=0.1, drop_rate=0.1)
@@ -269,6 +312,40 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
     assert [c.stride[0] for c in shallow if isinstance(c, torch.nn.Conv2d)] == [2, 2]
     with pytest.raises(ValueError, match="stem_depth=2 needs stem='conv'"):
         vitkit.create_model("cifar-mini", stem_depth=2)
+
+
+def test_shifted_patch_tokens(tmp_path):
+    """stem='shifted': each token projects its patch together with the same patch of the image moved
+    half a patch along the four diagonals (zeros where a shift leaves no pixel), layer-normalised;
+    checked pixel by pixel against that definition, then trained end to end and saved and loaded."""
+    model = vitkit.create_model("cifar-mini", stem="shifted", depth=1)
+    stem = model.patch_embed.backbone
+    x = torch.randn(2, 3, 32, 32)
+    vectors = stem(x)
+    assert vectors.shape == (2, 64, 5 * 3 * 4 * 4) and model.patch_embed(x).shape == (2, 64, 128)
+
+    def moved(image, down, right):  # image[i - down, j - right], zero outside
+        out = torch.zeros_like(image)
+        for i in range(32):
+            for j in range(32):
+                if 0 <= i - down < 32 and 0 <= j - right < 32:
+                    out[:, :, i, j] = image[:, :, i - down, j - right]
+        return out
+
+    views = torch.cat([x] + [moved(x, 2 * dy, 2 * dx) for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1))], dim=1)
+    row, col = 3, 6  # token 3 * 8 + 6: pixels 12..15 x 24..27 of every view
+    patch = views[:, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].reshape(2, -1)  # (B, 5C*p*p), as the stem
+    torch.testing.assert_close(vectors[:, row * 8 + col], F.layer_norm(patch, (240,), eps=1e-5))
+
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    model(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    save_vitkit(tmp_path / "spt.safetensors", model)  # its projection is a matrix, not a conv kernel
+    loaded, _ = load_vitkit(tmp_path / "spt.safetensors")
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert vitkit.create_model("cifar-mini", stem="shifted", depth=1, patch_drop_rate=0.5).train()(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="at least 2"):
+        vitkit.create_model("cifar-mini", stem="shifted", patch_size=1)
 
 
 def _randomize_biases(model: torch.nn.Module) -> None:

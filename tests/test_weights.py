@@ -448,6 +448,21 @@ def test_convert_timm_file_to_hf(tmp_path):
         export(small_model(global_pool="avg"), tmp_path / "avg", "hf")
 
 
+@pytest.mark.parametrize("overrides", [dict(stem="shifted"), dict(stem="conv"), dict(locality_attention=True)])
+def test_parts_timm_and_hf_lack_are_refused_for_their_formats(tmp_path, overrides):
+    """A model with parts timm's and Hugging Face's ViTs do not have exports to vitkit (and onnx), not to
+    their formats, which would write files neither could load."""
+    model = small_model(**overrides)
+    for fmt in ("timm", "hf"):
+        with pytest.raises(WeightsError, match="export to vitkit or onnx instead"):
+            export(model, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+    loaded, _ = load_vitkit(export(model, tmp_path / "m.safetensors", "vitkit"))
+    x = images(2, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 

@@ -75,7 +75,8 @@ class ViTConfig:
     patch_drop_rate: float = 0.0  # training only: this fraction of patch tokens dropped at random
     layer_norm_eps: float = 1e-6
     gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
-    stem: str = "patch"  # "patch": the pure ViT's strided conv; "conv": a small conv stem (the hybrid)
+    stem: str = "patch"  # "patch": the paper's strided conv; "shifted": shifted patch tokens; "conv": the hybrid
+    locality_attention: bool = False  # learned softmax temperature, no token attends to itself (Attention)
     stem_depth: int = 1  # conv stem only: >1 adds stem_depth-1 stride-1 convs per resolution (ConvStem)
     name: str = field(default="", compare=False)  # the variant it was decoded from, for display
 
@@ -105,11 +106,14 @@ class ViTConfig:
         _check_choice("global_pool", self.global_pool, ("token", "avg"))
         _check_choice("pos_embed", self.pos_embed, ("learn", "sincos"))
         _check_choice("gelu", self.gelu, ("exact", "tanh"))
-        _check_choice("stem", self.stem, ("patch", "conv"))
+        _check_choice("stem", self.stem, ("patch", "shifted", "conv"))
         _check_positive_int("stem_depth", self.stem_depth)
         if self.stem_depth != 1 and self.stem != "conv":
-            raise ValueError(f"stem_depth={self.stem_depth} needs stem='conv' (the patch stem is one "
-                             "convolution); set stem='conv' or leave stem_depth at 1")
+            raise ValueError(f"stem_depth={self.stem_depth} needs stem='conv' (the other stems are one "
+                             "linear layer); set stem='conv' or leave stem_depth at 1")
+        if self.stem == "shifted" and self.patch_size < 2:
+            raise ValueError(f"patch_size={self.patch_size}: shifted patches move the image by half a patch, "
+                             "so the patch size must be at least 2")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"patch_size={self.patch_size}: the conv stem halves the image per stage, so "
                              "the patch size must be a power of two (2, 4, 8, 16...)")

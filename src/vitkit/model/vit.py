@@ -73,6 +73,9 @@ class PatchEmbed(nn.Module):
         if stem == "conv":
             self.backbone = ConvStem(in_chans, embed_dim, patch_size, stem_depth)
             self.proj = nn.Conv2d(self.backbone.out_chans, embed_dim, kernel_size=1)
+        elif stem == "shifted":
+            self.backbone = ShiftedPatches(in_chans, patch_size)
+            self.proj = nn.Linear(self.backbone.out_features, embed_dim)
         else:
             self.backbone = None
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -96,9 +99,39 @@ class PatchEmbed(nn.Module):
                 f"got {tuple(x.shape)}; resize the input, or call model.set_input_size(...) "
                 f"for another resolution (a multiple of the patch size {self.patch_size})"
             )
+        if isinstance(self.backbone, ShiftedPatches):
+            return _linear(self.proj, self.backbone(x))
         if self.backbone is not None:
             x = self.backbone(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major
+
+
+class ShiftedPatches(nn.Module):
+    """Shifted patch tokenization (Lee, Lee and Song, 2021, "Vision Transformer for Small-Size
+    Datasets"): each patch is flattened together with the same patch of four copies of the image
+    shifted half a patch diagonally, and the vector is layer-normalised; PatchEmbed.proj, one linear
+    layer, then makes the token. Each token so sees its patch and a ring of the neighbours' pixels
+    around it, a little of the locality a ViT otherwise has to learn from data, at no extra tokens:
+    the encoder stays a transformer over patch tokens. Returns (B, h*w, 5*C*p*p), row-major.
+    """
+
+    SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))  # (down, right) in half patches; zeros fill the gap
+
+    def __init__(self, in_chans: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.out_features = (1 + len(self.SHIFTS)) * in_chans * patch_size**2
+        self.norm = nn.LayerNorm(self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, s = self.patch_size, self.patch_size // 2
+        B, _, H, W = x.shape
+        padded = F.pad(x, (s, s, s, s))
+        views = [x] + [padded[..., s - dy * s : s - dy * s + H, s - dx * s : s - dx * s + W] for dy, dx in self.SHIFTS]
+        x = torch.cat(views, dim=1)  # (B, 5C, H, W)
+        x = x.unflatten(3, (W // p, p)).unflatten(2, (H // p, p))  # (B, 5C, h, p, w, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), self.out_features)
+        return self.norm(x)
 
 
 class ConvStem(nn.Sequential):
@@ -135,13 +168,22 @@ class ConvStem(nn.Sequential):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (timm's layout: q, k, v stacked)."""
+    """Multi-head self-attention with one fused qkv projection (timm's layout: q, k, v stacked).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
+    locality=True is Lee, Lee and Song's (2021) locality self-attention for small datasets: the
+    softmax temperature is learned (``scale``, a parameter starting at 1/sqrt(head_dim)) and no token
+    attends to itself, so the weights sharpen onto the other tokens instead of staying flat.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float,
+                 locality: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self.locality = locality
+        self.scale: float | nn.Parameter = self.head_dim**-0.5
+        if locality:
+            self.scale = nn.Parameter(torch.tensor(self.head_dim**-0.5))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -181,8 +223,25 @@ class Attention(nn.Module):
             return self._merge(self._attend_explicitly(*self._qkv(x, num_queries))[0])
         # The fused kernel (flash / memory-efficient on CUDA, flash on CPU) never stores the N x N map.
         q, k, v = self._qkv(x, num_queries)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        dropout = self.attn_drop.p if self.training else 0.0
+        if self.locality:
+            mask = ~self._self_mask(q.shape[-2], k.shape[-2], q.device)  # True: may attend
+            x = F.scaled_dot_product_attention(q * self.scale, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return self._merge(x)
+
+    @staticmethod
+    def _self_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+        """(queries, keys), True where a query meets its own token's key: query i is token i."""
+        return torch.eye(num_queries, num_keys, dtype=torch.bool, device=device)
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T * scale), without each token's own key under locality self-attention."""
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        if self.locality:
+            scores = scores.masked_fill(self._self_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+        return scores.softmax(dim=-1)
 
     def _attend_head_by_head(self, x: torch.Tensor, num_queries: int | None) -> torch.Tensor:
         """CPU training in fp32 on short sequences (CIFAR's 65 tokens): attention as plain batched
@@ -196,8 +255,7 @@ class Attention(nn.Module):
         """
         heads = [h for p in self._project(x, num_queries) for h in p.unflatten(-1, (-1, self.head_dim)).unbind(2)]
         H = self.num_heads
-        out = [self.attn_drop(((q * self.scale) @ k.transpose(1, 2)).softmax(dim=-1)) @ v
-               for q, k, v in zip(heads[:H], heads[H : 2 * H], heads[2 * H :])]
+        out = [self.attn_drop(self._weights(q, k)) @ v for q, k, v in zip(heads[:H], heads[H : 2 * H], heads[2 * H :])]
         return torch.cat(out, dim=-1)
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +265,8 @@ class Attention(nn.Module):
 
     def _attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax(q k^T / sqrt(d)) v as two matrix products; also returns the softmax weights."""
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        """softmax(q k^T * scale) v as two matrix products; also returns the softmax weights."""
+        attn = self._weights(q, k)
         return self.attn_drop(attn) @ v, attn
 
 
@@ -256,7 +314,8 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate,
+                              cfg.locality_attention)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(dim, cfg.mlp_dim, cfg.gelu, cfg.drop_rate)

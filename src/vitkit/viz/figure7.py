@@ -39,8 +39,9 @@ def patch_embedding_components(model: nn.Module, n: int = 28) -> Tensor:
     kept) to show as an RGB patch. Fewer than ``n`` come back if the filter bank has lower rank.
     """
     if getattr(model.patch_embed, "backbone", None) is not None:
-        raise ValueError("this is a hybrid model: its patch projection is a 1x1 convolution over the conv stem's "
-                         "features, not filters over pixels, so it has no patch-embedding filters to show")
+        raise ValueError(f"this model's stem is {model.config.stem!r}: its patch projection reads the stem's "
+                         "features (a hybrid's convolutions, or shifted patches layer-normalised), not a "
+                         "patch's pixels, so it has no patch-embedding filters to show")
     weight = model.patch_embed.proj.weight.detach().float().cpu()  # (D, C, p, p)
     d, c, p, _ = weight.shape
     filters = weight.reshape(d, -1)
@@ -203,7 +204,8 @@ def _plot_distance(mad: Tensor, patch_size: int, img_size: int, num_images: int,
 
 def save_figure7(model: nn.Module, images: Tensor, out_dir: str | Path) -> list[Path]:
     """Write the three Figure 7 panels for ``model`` into ``out_dir`` and return their paths:
-    patch_embedding_pcs.png (not for a hybrid), position_embedding_similarity.png, mean_attention_distance.png.
+    patch_embedding_pcs.png (the paper's patch stem only), position_embedding_similarity.png,
+    mean_attention_distance.png.
 
     ``images`` is a preprocessed batch (B, C, H, W) for the attention distances; a few dozen real
     images are plenty, since the distance is averaged over every query patch of every image.
@@ -212,7 +214,7 @@ def save_figure7(model: nn.Module, images: Tensor, out_dir: str | Path) -> list[
     cfg = model.config
     mad = _attention_distance_over(model, images)
     written = []
-    if cfg.stem != "conv":  # a hybrid has no pixel filters (see patch_embedding_components)
+    if cfg.stem == "patch":  # the other stems have no pixel filters (see patch_embedding_components)
         written.append(_plot_components(patch_embedding_components(model), out_dir / "patch_embedding_pcs.png"))
     written.append(_plot_similarity(position_embedding_similarity(model),
                                     out_dir / "position_embedding_similarity.png"))

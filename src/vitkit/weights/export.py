@@ -141,8 +141,18 @@ def _timm_kwargs(cfg: ViTConfig, timm_name: str, dst: Path) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in _TIMM_KWARGS if getattr(cfg, k) != getattr(base, k)}
 
 
+def _check_expressible(cfg: ViTConfig, dst: Path, tool: str) -> None:
+    """timm's and Hugging Face's ViTs have the paper's parts only: a file naming others would not load."""
+    extras = ([f"stem={cfg.stem!r}"] if cfg.stem != "patch" else []) + (
+        ["locality_attention=True"] if cfg.locality_attention else [])
+    if extras:
+        raise WeightsError(f"{dst}: {tool}'s ViT has no {' or '.join(extras)}, so it could not load this model; "
+                           "export to vitkit or onnx instead")
+
+
 def _export_timm(model: VisionTransformer, dst: Path, timm_name: str | None) -> Path:
     cfg = model.config
+    _check_expressible(cfg, dst, "timm")
     tensors = _state_dict(model)
     timm_name = timm_name or timm_name_for(cfg)
     kwargs = _timm_kwargs(cfg, timm_name, dst) if timm_name else {}
@@ -228,6 +238,7 @@ def _export_hf(
     from safetensors.torch import save_file
 
     cfg = model.config
+    _check_expressible(cfg, dst, "Hugging Face")
     if not cfg.class_token or cfg.global_pool != "token":
         raise WeightsError(
             f"{dst}: Hugging Face's ViT classifies from the class token; this model uses global_pool="

@@ -102,8 +102,11 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
         sd, npz_hints = formats.npz_to_vitkit(tensors, fmt, label)
         hints = npz_hints | hints
     formats.normalize_pos_embed(sd, label)
-    if "patch_embed.proj.weight" not in sd or sd["patch_embed.proj.weight"].ndim != 4:
-        raise WeightsError(f"{label}: patch_embed.proj.weight must be a 4-D conv kernel (out, in, p, p)")
+    # A shifted-patch stem's projection is a matrix; its config (a vitkit file's) says so.
+    shifted = isinstance(hints.get("config"), dict) and hints["config"].get("stem") == "shifted"
+    if "patch_embed.proj.weight" not in sd or sd["patch_embed.proj.weight"].ndim != (2 if shifted else 4):
+        raise WeightsError(f"{label}: patch_embed.proj.weight must be a 4-D conv kernel (out, in, p, p)"
+                           + (" or, with stem 'shifted', a matrix" if shifted else ""))
     return _Source(label, fmt, sd, hints)
 
 
