@@ -105,8 +105,9 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
     # A shifted-patch stem's projection is a matrix; its config (a vitkit file's) says so.
     shifted = isinstance(hints.get("config"), dict) and hints["config"].get("stem") == "shifted"
     if "patch_embed.proj.weight" not in sd or sd["patch_embed.proj.weight"].ndim != (2 if shifted else 4):
-        raise WeightsError(f"{label}: patch_embed.proj.weight must be a 4-D conv kernel (out, in, p, p)"
-                           + (" or, with stem 'shifted', a matrix" if shifted else ""))
+        raise WeightsError(f"{label}: patch_embed.proj.weight must be "
+                           + ("a matrix (out, 5 * in * p * p), its config's stem being 'shifted'" if shifted
+                              else "a 4-D conv kernel (out, in, p, p)"))
     return _Source(label, fmt, sd, hints)
 
 
