@@ -45,6 +45,37 @@ def test_bench_reports_both_models_and_their_ceilings(precision, monkeypatch):
     assert "mm" in result["matmul_peaks"] and all(f"{k} " in text for k in result["matmul_peaks"])
 
 
+def test_the_timm_twin_drops_the_same_patches_and_computes_the_same_logits():
+    """--against timm times the same work: the twin takes the model's weights and its patch dropout
+    (half the tokens dropped halves a training step's FLOPs); parts timm lacks are refused."""
+    torch.manual_seed(0)
+    ours = VisionTransformer(get_config("cifar-mini", depth=2, img_size=16, num_classes=5, patch_drop_rate=0.5))
+    twin = bench.timm_twin(ours)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(twin.eval()(x), ours.eval()(x))
+    whole = bench.timm_twin(VisionTransformer(get_config("cifar-mini", depth=2, img_size=16, num_classes=5)))
+    dropped, kept = (count_flops(_Step(model, 4, CPU, train=True)) for model in (twin, whole))
+    assert 0.4 < dropped / kept < 0.6
+    for option in ({"stem": "shifted"}, {"locality_attention": True}, {"gelu": "tanh"}):
+        with pytest.raises(ValueError, match="without --against timm"):
+            bench.timm_twin(VisionTransformer(get_config("cifar-mini", depth=1, img_size=16, **option)))
+
+
+def test_bench_takes_model_options_from_the_command_line(monkeypatch, capsys):
+    """`vitkit bench --model-arg KEY=VALUE` builds the model a recipe's model_args would."""
+    import json
+
+    from vitkit.cli.main import main
+
+    monkeypatch.setattr(bench, "matmul_peaks", functools.partial(bench.matmul_peaks, size=256))
+    options = ["depth=1", "img_size=16", "stem=shifted", "patch_drop_rate=0.5", "layer_norm_eps=1e-5"]
+    argv = ["bench", "--model", "cifar-mini", "--batch-size", "4", "--rounds", "1", "--steps", "1", "--json"]
+    assert main(argv + [word for option in options for word in ("--model-arg", option)]) == 0
+    config = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"]
+    assert (config["depth"], config["img_size"], config["stem"], config["patch_drop_rate"]) == (1, 16, "shifted", 0.5)
+    assert config["layer_norm_eps"] == 1e-5  # a float, though YAML alone would read 1e-5 as text
+
+
 def test_bench_refuses_an_unknown_precision():
     with pytest.raises(ValueError, match="'16-mixed' is not one of 32-true, bf16-mixed"):
         bench_model("cifar-mini", precision="16-mixed", depth=1, img_size=16)

@@ -65,6 +65,12 @@ BAD_INVOCATIONS = [
     ("info-missing", "info {missing}.ckpt", ["does-not-exist"]),
     ("data-inspect-missing", "data inspect {missing}", ["does-not-exist"]),
     ("bench-unknown-model", "bench --model cifar-huge --steps 1 --rounds 1", ["cifar-huge"]),
+    ("train-model-arg-with-a-flag-of-its-own", "train --data {data} --model-arg depth=3 --out {out}",
+     ["'depth'", "setting of its own"]),
+    ("bench-model-arg-without-value", "bench --model-arg shifted", ["'shifted'", "KEY=VALUE"]),
+    ("bench-unknown-model-arg", "bench --model-arg stemm=shifted --steps 1 --rounds 1", ["stemm"]),
+    ("bench-timm-lacks-the-stem", "bench --model-arg stem=shifted --against timm --steps 1 --rounds 1",
+     ["stem='shifted'", "without --against timm"]),
     ("attention-missing-image", "attention --checkpoint {ckpt} {missing}.png -o {out}", ["does-not-exist"]),
     ("inspect-missing-checkpoint", "inspect {missing}.ckpt -o {out}", ["does-not-exist"]),
     ("report-not-a-run", "report {data}", ["not a run directory"]),
@@ -96,3 +102,25 @@ def test_a_reader_that_stops_reading_is_not_an_error(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_models", models_into_a_closed_pipe)
     assert main(["models"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_train_model_arg_changes_one_of_a_recipes_model_options(monkeypatch, capsys):
+    """`--model-arg stem=shifted` on top of cifar10-hybrid-30m keeps the recipe's other model_args,
+    as --auto-augment keeps its other augment settings."""
+    from types import SimpleNamespace
+
+    import vitkit.train
+
+    seen = {}
+
+    def record(cfg, resume=None, start_time=None):
+        seen["cfg"] = cfg
+        return SimpleNamespace(best_val_acc=None, epochs_done=0, steps_done=0, seconds=0.0, run_dir="run",
+                               best_checkpoint=Path("best.ckpt"))
+
+    monkeypatch.setattr(vitkit.train, "train", record)
+    argv = "train --recipe cifar10-hybrid-30m --data unused --model-arg patch_drop_rate=0.5 --auto-augment trivial"
+    assert main(argv.split()) == 0
+    cfg = seen["cfg"]
+    assert cfg.model_args == {"stem": "conv", "stem_depth": 2, "patch_drop_rate": 0.5}
+    assert cfg.augment["auto_augment"] == "trivial" and cfg.augment["crop_padding"] == 4

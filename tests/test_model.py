@@ -314,6 +314,36 @@ def test_deeper_conv_stem_adds_stride_1_convolutions_at_every_resolution():
         vitkit.create_model("cifar-mini", stem_depth=2)
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"stem": "conv", "stem_depth": 2, "pos_embed": "sincos"},
+    {"stem": "shifted", "locality_attention": True, "global_pool": "avg"},
+])
+def test_init_weights_sets_every_tensor_of_a_meta_built_model(overrides):
+    """A model built on the meta device holds no values; to_empty() then init_weights() must set every
+    parameter and buffer: the ones a seed does not change (norms, the attention temperature, the zero
+    head, sine-cosine positions) to exactly what a normal build has, the random ones to their scale."""
+    torch.manual_seed(0)
+    a = vitkit.create_model("cifar-mini", depth=2, **overrides)
+    torch.manual_seed(1)
+    b = vitkit.create_model("cifar-mini", depth=2, **overrides)
+    with torch.device("meta"):
+        model = vitkit.create_model("cifar-mini", depth=2, **overrides)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 7)
+    model.init_weights()
+    built, other, tensors = a.state_dict(), b.state_dict(), model.state_dict()
+    assert tensors.keys() == built.keys()
+    for key, tensor in tensors.items():
+        if torch.equal(built[key], other[key]):  # the same whatever the seed: must be exactly that
+            assert torch.equal(tensor, built[key]), key
+        else:
+            assert torch.isfinite(tensor).all(), key
+            assert 0.7 < float(tensor.float().std() / built[key].float().std()) < 1.4, key
+
+
 def test_shifted_patch_tokens(tmp_path):
     """stem='shifted': each token projects its patch together with the same patch of the image moved
     half a patch along the four diagonals (zeros where a shift leaves no pixel), layer-normalised;

@@ -92,14 +92,23 @@ def _sync(device: torch.device) -> None:
 
 
 def timm_twin(model: VisionTransformer) -> nn.Module:
-    """timm's VisionTransformer of the identical configuration, with the same weights."""
+    """timm's VisionTransformer of the identical configuration, with the same weights (and the same
+    dropouts, patch dropout included, since they change what a training step computes)."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     cfg = model.config
+    extras = ([f"stem={cfg.stem!r}"] if cfg.stem != "patch" else []) + (
+        ["locality_attention=True"] if cfg.locality_attention else []) + (
+        [f"gelu={cfg.gelu!r}"] if cfg.gelu != "exact" else [])
+    if extras:
+        raise ValueError(f"timm's VisionTransformer has no {' or '.join(extras)}, so there is no timm twin to "
+                         "time against; bench this model without --against timm")
     twin = TimmViT(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                    num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
-                   global_pool=cfg.global_pool)
+                   global_pool=cfg.global_pool, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
+                   attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
+                   patch_drop_rate=cfg.patch_drop_rate)
     twin.load_state_dict(model.state_dict())
     return twin
 

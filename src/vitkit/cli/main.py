@@ -85,7 +85,28 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def model_arg(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as YAML reads a recipe's model_args (0.5, true, shifted)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. stem=shifted)")
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        with contextlib.suppress(ValueError):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-12 as text
+    return key.strip(), parsed
+
+
 # ---- the parser ---------------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """train's and bench's model options beyond their own flags: one generic flag, not one per option."""
+    parser.add_argument("--model-arg", action="append", default=[], type=model_arg, metavar="KEY=VALUE",
+                        help="a model option as a recipe's model_args takes it (stem=shifted, patch_drop_rate=0.5); "
+                             "repeat for more")
+
 
 def add_test_time_views(parser: argparse.ArgumentParser) -> None:
     """eval's and predict's test-time augmentation: the same views, averaged the same way."""
@@ -109,6 +130,7 @@ def build_parser() -> Parser:
     t.add_argument("--img-size", type=positive_int)
     t.add_argument("--patch-size", type=positive_int)
     t.add_argument("--depth", type=positive_int)
+    add_model_args(t)
     t.add_argument("--epochs", type=positive_int)
     t.add_argument("--max-steps", type=positive_int)
     t.add_argument("--batch-size", type=positive_int)
@@ -218,6 +240,7 @@ def build_parser() -> Parser:
     b = sub.add_parser("bench", help="training/inference throughput (or `bench data` for the input pipeline)")
     b.add_argument("target", nargs="?", choices=["model", "data"], default="model")
     b.add_argument("--model", default="cifar-tiny")
+    add_model_args(b)
     b.add_argument("--batch-size", type=positive_int, help="default 128 for a model, 256 for `bench data`")
     b.add_argument("--against", choices=["timm"], help="time timm's identical model in the same run")
     b.add_argument("--rounds", type=positive_int, default=5)
@@ -278,12 +301,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment["auto_augment"] = None if args.auto_augment == "none" else args.auto_augment
     if augment:
         overrides["augment"] = augment
+    if args.model_arg:
+        overrides["model_args"] = dict(args.model_arg)
     if args.resume:
         checkpoint = resume_checkpoint(args.resume)
         saved = saved_train_config(checkpoint)
         base = {k: v for k, v in saved.items() if k not in ("recipe",)}
-        base.update({k: v for k, v in overrides.items() if k != "augment"})
-        base["augment"] = {**saved.get("augment", {}), **overrides.get("augment", {})}
+        base.update({k: v for k, v in overrides.items() if k not in ("augment", "model_args")})
+        for merged in ("augment", "model_args"):  # a flag changes one key, the run's others stay
+            base[merged] = {**(saved.get(merged) or {}), **overrides.get(merged, {})}
         if "out" not in overrides:
             base["out"] = str(checkpoint.parent)
         cfg = resolve_config(None, **base)
@@ -452,7 +478,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else bench.format_result(result))
         return 0
     result = bench.bench_model(args.model, batch_size=args.batch_size or 128, against=args.against, rounds=args.rounds,
-                               steps=args.steps, compile=args.compile, precision=args.precision)
+                               steps=args.steps, compile=args.compile, precision=args.precision,
+                               **dict(args.model_arg))
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0
 

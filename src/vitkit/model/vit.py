@@ -406,12 +406,19 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """timm-style truncated-normal init, with the paper's (big_vision's) zero-initialised head."""
+        """Every parameter and buffer from scratch: timm-style truncated-normal linear layers, the paper's
+        (big_vision's) zero-initialised head, PyTorch's defaults for convolutions and norms, the attention
+        temperature at 1/sqrt(head_dim). Complete, so a model built on the meta device and materialised
+        with ``to_empty()`` is usable after it."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d)):
+                module.reset_parameters()  # batch norm: its running statistics too
+            elif isinstance(module, Attention) and isinstance(module.scale, nn.Parameter):
+                module.scale.fill_(module.head_dim**-0.5)
         if self.config.pos_embed == "sincos":
             grid = sincos_pos_embed_2d(self.config.grid_size, self.embed_dim)
             self.pos_embed.copy_(F.pad(grid, (0, 0, self.num_prefix_tokens, 0))[None])

@@ -218,13 +218,17 @@ def check_keys(values: dict[str, Any], where: str) -> None:
 
 
 def resolve_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the recipe, then the non-None overrides (flags); validated."""
+    """Defaults, then the recipe, then the non-None overrides (flags); validated. augment and
+    model_args are merged key by key: a flag changes one of a recipe's settings, not all of them."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
     check_keys(overrides, "option")
     augment = dict(values.pop("augment", None) or {"hflip": True})
     augment.update(overrides.pop("augment", None) or {})
+    model_args = dict(values.pop("model_args", None) or {})
+    model_args.update(overrides.pop("model_args", None) or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["augment"] = augment
+    values["model_args"] = model_args
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     if isinstance(values.get("time_budget"), str):  # recipes may write 30m, as the flag does
