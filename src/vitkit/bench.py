@@ -97,9 +97,7 @@ def timm_twin(model: VisionTransformer) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     cfg = model.config
-    extras = ([f"stem={cfg.stem!r}"] if cfg.stem != "patch" else []) + (
-        ["locality_attention=True"] if cfg.locality_attention else []) + (
-        [f"gelu={cfg.gelu!r}"] if cfg.gelu != "exact" else [])
+    extras = cfg.parts_timm_lacks() + ([f"gelu={cfg.gelu!r}"] if cfg.gelu != "exact" else [])
     if extras:
         raise ValueError(f"timm's VisionTransformer has no {' or '.join(extras)}, so there is no timm twin to "
                          "time against; bench this model without --against timm")

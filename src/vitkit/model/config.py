@@ -147,6 +147,12 @@ class ViTConfig:
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    def parts_timm_lacks(self) -> list[str]:
+        """The options set here that timm's (and Hugging Face's) VisionTransformer has no part for, as
+        "name=value" strings: a model with any of them has no twin there to load into or time against."""
+        return ([f"stem={self.stem!r}"] if self.stem != "patch" else []) + (
+            ["locality_attention=True"] if self.locality_attention else [])
+
     def replace(self, **overrides: Any) -> ViTConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **overrides)

@@ -143,8 +143,7 @@ def _timm_kwargs(cfg: ViTConfig, timm_name: str, dst: Path) -> dict[str, Any]:
 
 def _check_expressible(cfg: ViTConfig, dst: Path, tool: str) -> None:
     """timm's and Hugging Face's ViTs have the paper's parts only: a file naming others would not load."""
-    extras = ([f"stem={cfg.stem!r}"] if cfg.stem != "patch" else []) + (
-        ["locality_attention=True"] if cfg.locality_attention else [])
+    extras = cfg.parts_timm_lacks()
     if extras:
         raise WeightsError(f"{dst}: {tool}'s ViT has no {' or '.join(extras)}, so it could not load this model; "
                            "export to vitkit or onnx instead")
