@@ -306,13 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         checkpoint = resume_checkpoint(args.resume)
         saved = saved_train_config(checkpoint)
-        base = {k: v for k, v in saved.items() if k not in ("recipe",)}
-        base.update({k: v for k, v in overrides.items() if k not in ("augment", "model_args")})
-        for merged in ("augment", "model_args"):  # a flag changes one key, the run's others stay
-            base[merged] = {**(saved.get(merged) or {}), **overrides.get(merged, {})}
-        if "out" not in overrides:
-            base["out"] = str(checkpoint.parent)
-        cfg = resolve_config(None, **base)
+        overrides.setdefault("out", str(checkpoint.parent))
+        cfg = resolve_config(None, base={k: v for k, v in saved.items() if k != "recipe"}, **overrides)
     else:
         cfg = resolve_config(args.recipe, **overrides)
     try:

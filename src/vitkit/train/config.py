@@ -217,10 +217,13 @@ def check_keys(values: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: unknown key {key!r}{hint}")
 
 
-def resolve_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the recipe, then the non-None overrides (flags); validated. augment and
-    model_args are merged key by key: a flag changes one of a recipe's settings, not all of them."""
-    values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+def resolve_config(recipe: str | None = None, *, base: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe (or base: a resumed run's saved settings), then the non-None overrides
+    (flags); validated. augment and model_args are merged key by key: a flag changes one of the
+    recipe's settings, not all of them."""
+    values: dict[str, Any] = read_recipe(recipe) if recipe else dict(base or {})
+    if not recipe and base:  # a recipe's keys were checked as it was read
+        check_keys(base, "the resumed run's settings")
     check_keys(overrides, "option")
     augment = dict(values.pop("augment", None) or {"hflip": True})
     augment.update(overrides.pop("augment", None) or {})
