@@ -815,6 +815,37 @@ def test_teacher_cache_answers_for_the_view_nearest_each_crop(tmp_path):
         resolve_config(None, data="unused", teacher="t", distill_cache=True, augment={"random_resized_crop": True})
 
 
+def test_teacher_cache_file_is_read_back_for_the_same_teacher_and_images_only(tmp_path):
+    """With a file the cache is written once and a second start (a resumed run) reads it without asking
+    the teacher; another teacher, other labels or a damaged file make it ask again."""
+    from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
+    from vitkit.train.distill import TeacherCache
+
+    teacher, images = _tiny_teacher_and_images(tmp_path)
+    file = tmp_path / "run" / "teacher_cache.safetensors"
+
+    def cache(images=images):
+        return TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
+                            std=CIFAR10_STD, batch_size=2, file=file)
+
+    first = cache()
+    assert first.read_from is None and file.is_file()
+    ask = teacher.probabilities
+    teacher.probabilities = lambda x: pytest.fail("the teacher was asked although its answers were on disk")
+    again = cache()
+    assert again.read_from == file and torch.equal(again.probs, first.probs)
+    teacher.probabilities = ask
+    relabelled = ImageSet(images.labels.roll(1), images.classes, images.images)
+    assert cache(relabelled).read_from is None  # and the file now holds the relabelled set's cache
+    assert cache(relabelled).read_from == file
+    with torch.no_grad():
+        teacher.model.head.bias[0] += 2.0  # one class: a shift of all logits would change no probability
+    other = cache(relabelled)
+    assert other.read_from is None and not torch.equal(other.probs, first.probs)
+    file.write_bytes(b"not a safetensors file")
+    assert cache().read_from is None and cache().read_from == file
+
+
 def _build_cache_share(rank, folder):
     """One process of test_teacher_cache_split_between_processes: its share, then the all-reduce."""
     import torch.distributed as dist
@@ -823,18 +854,22 @@ def _build_cache_share(rank, folder):
     from vitkit.train.distill import TeacherCache
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2)
+    store = folder / f"store{len(list(folder.glob('probs*.pt')))}"  # a fresh rendezvous file per spawn
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     teacher, images = _tiny_teacher_and_images(folder)
     cache = TeacherCache(teacher, images, padding=4, hflip=True, image_size=16, mean=CIFAR10_MEAN,
-                         std=CIFAR10_STD, batch_size=2, rank=rank, world_size=2)
-    torch.save(cache.probs, folder / f"probs{rank}.pt")
+                         std=CIFAR10_STD, batch_size=2, rank=rank, world_size=2,
+                         file=folder / "teacher_cache.safetensors")
+    dist.barrier()  # both have looked for the file before either saves what it got
+    torch.save(cache.probs, folder / f"probs{rank}{'-read' if cache.read_from else ''}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_teacher_cache_split_between_processes(tmp_path):
     """In distributed training each process labels its share of the images (2 and 3 of 5 here) and
-    every process ends with the whole cache, the one a single process builds."""
+    every process ends with the whole cache, the one a single process builds; started again, every
+    process reads the file process 0 wrote."""
     import torch.multiprocessing as mp
 
     from vitkit.data import CIFAR10_MEAN, CIFAR10_STD
@@ -848,15 +883,19 @@ def test_teacher_cache_split_between_processes(tmp_path):
     assert torch.equal(first, second)
     torch.testing.assert_close(first, alone, atol=1e-3, rtol=0)
     assert (first.sum(-1) > 0.99).all()  # no image left out of both shares
+    mp.spawn(_build_cache_share, args=(tmp_path,), nprocs=2)  # a resumed run: both read what process 0 wrote
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"probs{rank}-read.pt"), first)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True], ids=["teacher every step", "distill_cache"])
-def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_folder, trained_run, cached):
+def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_folder, trained_run, cached, caplog):
     """With distill_weight 1 the labels do not enter the loss: a teacher whose class names are rotated
     (its green is blue, its red green, its blue red) makes the student answer as that teacher does,
     not as the labels say, whether it answers every step or once into its cache. The teacher's weights
-    stay out of the student's checkpoint."""
+    stay out of the student's checkpoint; its cache stays in the run directory, and a resumed run
+    reads it back instead of asking the teacher again."""
     from vitkit.weights import load_vitkit, save_vitkit
 
     model, meta = load_vitkit(trained_run.run_dir / "model.safetensors")
@@ -866,9 +905,10 @@ def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_fol
         model.head.bias.mul_(10)
     rotated = tmp_path / "rotated.safetensors"
     save_vitkit(rotated, model, classes=["green", "red", "blue"], mean=meta["mean"], std=meta["std"])
+    settings = dict(TINY_TRAIN, teacher=str(rotated), distill_weight=1.0, distill_cache=cached,
+                    augment={"hflip": True, "crop_padding": 2})
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "student"), val_fraction=0.25,
-                         **dict(TINY_TRAIN, epochs=4, teacher=str(rotated), distill_weight=1.0,
-                                distill_cache=cached, augment={"hflip": True, "crop_padding": 2}))
+                         **dict(settings, epochs=4))
     result = train(cfg)
     validation = np.load(result.run_dir / "val_predictions.npz")
     student = torch.from_numpy(validation["probs"]).argmax(-1)
@@ -882,5 +922,12 @@ def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_fol
     assert agree_teacher >= 0.9 and agree_labels <= 0.5, (answered, said, truth)
     saved = torch.load(result.run_dir / "last.ckpt", weights_only=True)
     assert not [k for k in saved["state_dict"] if "teacher" in k]
+    assert (result.run_dir / "teacher_cache.safetensors").is_file() == cached
+    if cached:
+        longer = resolve_config(None, data=str(color_folder), out=str(tmp_path / "student"), val_fraction=0.25,
+                                **dict(settings, epochs=5))
+        with caplog.at_level("INFO", logger="vitkit"):
+            train(longer, resume=result.run_dir)
+        assert "read the teacher's answers" in caplog.text and "the teacher labelled" not in caplog.text
     with pytest.raises(ValueError, match="distill_weight"):
         resolve_config(None, data="unused", distill_weight=0.0)

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -109,13 +110,16 @@ class ViTClassifier(L.LightningModule):
 
     def __init__(self, model: VisionTransformer, cfg: TrainConfig, classes: list[str],
                  mean: tuple[float, ...], std: tuple[float, ...], train_size: int,
-                 teacher: Teacher | None = None, teacher_images: ImageSet | None = None) -> None:
+                 teacher: Teacher | None = None, teacher_images: ImageSet | None = None,
+                 teacher_cache_file: Path | None = None) -> None:
         """teacher_images: the training set, when the teacher's answers are to be cached
-        (distill_cache) once training starts, on the device and in the precision it trains in."""
+        (distill_cache) once training starts, on the device and in the precision it trains in;
+        teacher_cache_file keeps that cache for a resumed run (TeacherCache's file)."""
         super().__init__()
         self.model = model
         self.teacher: Teacher | TeacherCache | None = teacher
         self._teacher_images = teacher_images
+        self._teacher_cache_file = teacher_cache_file
         self.cfg = cfg
         self.classes = classes
         self.mean, self.std = tuple(mean), tuple(std)
@@ -251,7 +255,7 @@ class ViTClassifier(L.LightningModule):
             self.teacher = TeacherCache(self.teacher, self._teacher_images, aug.crop_padding, aug.hflip,
                                         self.augment.image_size, self.mean, self.std, aug.padding_mode,
                                         device=self.device, autocast=autocast, rank=self.global_rank,
-                                        world_size=self.trainer.world_size)
+                                        world_size=self.trainer.world_size, file=self._teacher_cache_file)
             self._teacher_images = None
         if self.cfg.nonfinite == "skip" and self.trainer.world_size > 1:
             raise ValueError("--on-nonfinite skip (nonfinite: skip) works with one process only; "

@@ -133,7 +133,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
         raise PermissionError(f"run directory {run_dir} is not writable; choose another --out")
     if existing and resume is None:  # an interrupted new run must not leave the old one's model to load
         for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv", "model.safetensors",
-                     "val_predictions.npz"):
+                     "val_predictions.npz", "teacher_cache.safetensors"):
             (run_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
@@ -182,8 +182,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     model = build_model(cfg, len(classes), splits.image_size)
     mean, std = NORMALIZATION[cfg.normalization]
     teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
+    cached = teacher is not None and cfg.distill_cache
     module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher,
-                           teacher_images=splits.train if teacher is not None and cfg.distill_cache else None)
+                           teacher_images=splits.train if cached else None,
+                           teacher_cache_file=run_dir / "teacher_cache.safetensors" if cached else None)
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cfg.compile:  # after the module: its EMA copy stays eager, so validation compiles nothing
         compile_model(model, cuda)
