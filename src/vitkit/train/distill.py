@@ -42,6 +42,8 @@ log = logging.getLogger("vitkit")
 # A cache larger than this (views x images x classes in fp16) would not fit beside the training set on
 # a laptop; ImageNet-1k's would be ~46 GB.
 MAX_CACHE_BYTES = 4 * 1024**3
+# A TeacherCache's file in the run directory: a resumed run reads it instead of asking the teacher again.
+CACHE_FILE_NAME = "teacher_cache.safetensors"
 
 
 class Teacher:
@@ -144,7 +146,7 @@ class TeacherCache:
         if file is not None:
             key = _cache_key(teacher, images, views, image_size, mean, std, padding_mode, autocast)
             probs = _read_cache(Path(file), key, device)
-        if world_size > 1:  # every process reads the file, or all ask the teacher (they all-reduce below)
+        if file is not None and world_size > 1:  # every process reads the file, or all ask the teacher
             found = torch.tensor([probs is not None], dtype=torch.int32, device=device)
             dist.all_reduce(found, op=dist.ReduceOp.MIN)
             probs = probs if found.item() else None

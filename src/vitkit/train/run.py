@@ -26,7 +26,7 @@ from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
 from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget
 from vitkit.train.config import MODEL_SETTINGS, TrainConfig
-from vitkit.train.distill import load_teacher
+from vitkit.train.distill import CACHE_FILE_NAME, load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
 from vitkit.train.precision import resolve_precision
@@ -133,7 +133,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
         raise PermissionError(f"run directory {run_dir} is not writable; choose another --out")
     if existing and resume is None:  # an interrupted new run must not leave the old one's model to load
         for name in ("best.ckpt", "last.ckpt", "metrics.csv", "steps.csv", "model.safetensors",
-                     "val_predictions.npz", "teacher_cache.safetensors"):
+                     "val_predictions.npz", CACHE_FILE_NAME):
             (run_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     cached = teacher is not None and cfg.distill_cache
     module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher,
                            teacher_images=splits.train if cached else None,
-                           teacher_cache_file=run_dir / "teacher_cache.safetensors" if cached else None)
+                           teacher_cache_file=run_dir / CACHE_FILE_NAME if cached else None)
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cfg.compile:  # after the module: its EMA copy stays eager, so validation compiles nothing
         compile_model(model, cuda)
