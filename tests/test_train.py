@@ -926,6 +926,7 @@ def test_student_learns_what_the_teacher_says_not_the_labels(tmp_path, color_fol
     if cached:
         longer = resolve_config(None, data=str(color_folder), out=str(tmp_path / "student"), val_fraction=0.25,
                                 **dict(settings, epochs=5))
+        caplog.clear()  # the first run's messages, where an earlier test left the logger at INFO
         with caplog.at_level("INFO", logger="vitkit"):
             train(longer, resume=result.run_dir)
         assert "read the teacher's answers" in caplog.text and "the teacher labelled" not in caplog.text
