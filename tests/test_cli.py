@@ -45,6 +45,7 @@ BAD_INVOCATIONS = [
     ("train-img-size-not-divisible", "train --data {data} --img-size 30 --patch-size 4 --out {out}",
      ["img_size=30", "patch_size=4"]),
     ("train-val-fraction-above-one", "train --data {data} --val-fraction 1.5", ["--val-fraction", "1.5"]),
+    ("train-val-every-zero", "train --data {data} --val-every 0", ["--val-every", "0"]),
     ("train-unknown-schedule", "train --data {data} --schedule step", ["--schedule", "step"]),
     ("train-bad-time-budget", "train --data {data} --time-budget soon", ["soon"]),
     ("train-out-under-a-file", "train --data {data} --out {file}/run --epochs 1", ["a_file", "another --out"]),

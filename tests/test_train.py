@@ -433,15 +433,17 @@ def _weights(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_step", [4, 7], ids=["last-batch-of-epoch", "mid-epoch"])
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, color_folder, stop_step):
+@pytest.mark.parametrize("stop_step,val_every", [(4, 1), (7, 1), (4, 2)],
+                         ids=["last-batch-of-epoch", "mid-epoch", "last-batch-of-an-unvalidated-epoch"])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, color_folder, stop_step, val_every):
     """SIGTERM mid-run (exit 143 path), then --resume: the same weights, optimizer and lr as one go.
 
     90 training images in batches of 16 make 5 steps an epoch. The signal arrives during step
     stop_step + 1, which completes before the checkpoint (5: the last batch of epoch 1; 8: mid-epoch).
-    EMA, label smoothing and stochastic depth are on, so every piece of state has to survive.
+    EMA, label smoothing and stochastic depth are on, so every piece of state has to survive. With
+    val_every 2, epoch 1 has no validation to wait for: its checkpoint is written at its end.
     """
-    settings = dict(TINY_TRAIN, ema=0.9, label_smoothing=0.1, drop_path_rate=0.1)
+    settings = dict(TINY_TRAIN, ema=0.9, label_smoothing=0.1, drop_path_rate=0.1, val_every=val_every)
     whole = resolve_config(None, data=str(color_folder), out=str(tmp_path / "whole"), val_fraction=0.25, **settings)
     train(whole)
     split = resolve_config(None, data=str(color_folder), out=str(tmp_path / "split"), val_fraction=0.25, **settings)
@@ -499,9 +501,10 @@ def test_two_process_ddp_completes(tmp_path, color_folder):
     assert (done.stdout + done.stderr).count("precision auto: bf16 matrix products run") == 1
 
 
-def _simulate_budget(step_seconds, deadline=100.0, steps_per_epoch=50, val_seconds=1.0):
+def _simulate_budget(step_seconds, deadline=100.0, steps_per_epoch=50, val_seconds=1.0, val_every=1):
     """Drives TimeBudget with a fake clock: step_seconds(step) is each step's cost, validation runs
-    at each epoch's end. Returns (stop step, stop time, the plan after each step)."""
+    at the end of every val_every-th epoch and at the stop. Returns (stop step, stop time, the plan
+    after each step)."""
     from types import SimpleNamespace
 
     from vitkit.train.callbacks import TimeBudget
@@ -511,14 +514,14 @@ def _simulate_budget(step_seconds, deadline=100.0, steps_per_epoch=50, val_secon
     trainer = SimpleNamespace(global_step=0, should_stop=False, sanity_checking=False,
                               val_dataloaders=SimpleNamespace(indices=range(200)))
     module = SimpleNamespace(planned_steps=None, steps_per_epoch=lambda: steps_per_epoch,
-                             cfg=SimpleNamespace(batch_size=10, max_steps=None))
+                             cfg=SimpleNamespace(batch_size=10, max_steps=None, val_every=val_every))
     plans = []
     while not trainer.should_stop:
         now[0] += step_seconds(trainer.global_step)
         trainer.global_step += 1
         budget.on_train_batch_end(trainer, module)
         plans.append(module.planned_steps)
-        if trainer.global_step % steps_per_epoch == 0 or trainer.should_stop:
+        if trainer.global_step % (steps_per_epoch * val_every) == 0 or trainer.should_stop:
             budget.on_validation_epoch_start(trainer, module)
             now[0] += val_seconds
             budget.on_validation_epoch_end(trainer, module)
@@ -559,6 +562,45 @@ def test_time_budget_schedule_only_moves_forward_when_the_speed_swings():
     # Validation comes in lumps the plan spreads over the epoch's steps: one may land past the
     # plan's aim (the reserve's second pass absorbs it), never the 5 s kept for the export.
     assert stop_step == plans[-1] and 290.0 < stop_time < 300.0 - 5.0
+
+
+def test_time_budget_gives_the_validation_val_every_skips_to_training():
+    """Validation of 3 s after every 0.2 s x 50 steps of training: every fourth epoch instead of
+    every one, the plan counts a quarter of the passes, so the run trains into the time they left
+    and still stops with the reserve kept (two passes and the export's 5 s), not at the deadline."""
+    def step_seconds(step):
+        return 0.2
+
+    every_epoch, _, _ = _simulate_budget(step_seconds, deadline=400.0, val_seconds=3.0)
+    stop_step, stop_time, plans = _simulate_budget(step_seconds, deadline=400.0, val_seconds=3.0, val_every=4)
+    assert stop_step == plans[-1] and 400.0 - 2 * 3.0 - 5.0 - 3.0 < stop_time < 400.0 - 5.0
+    # 1,500 steps of 0.2 s fit with 6 passes instead of 30: 24 passes x 3 s = 72 s = 360 more steps.
+    assert stop_step - every_epoch > 300, (every_epoch, stop_step)
+
+
+def test_val_every_validates_every_nth_epoch_and_where_the_run_ends(tmp_path, color_folder):
+    """val_every 2 over 3 epochs: epoch 1 unvalidated (its validation columns blank, not the last
+    pass's), 2 as asked, 3 because the run ends there. With val_every 5 and max_steps in the middle
+    of epoch 2, Lightning would not validate at all; the run is validated at its last step."""
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "every2"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, val_every=2))
+    result = train(cfg)
+    rows = read_rows(result.run_dir / "metrics.csv")
+    assert [bool(r["val_acc"]) for r in rows] == [False, True, True]
+    assert not rows[0]["val_loss"] and not rows[0]["val_seconds"] and rows[0]["train_loss"]
+    assert (result.run_dir / "best.ckpt").is_file() and result.best_val_acc is not None
+    assert torch.load(result.run_dir / "last.ckpt", weights_only=True)["global_step"] == int(rows[-1]["step"])
+
+    steps_per_epoch = int(rows[0]["step"])
+    cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "every5"), val_fraction=0.25,
+                         **dict(TINY_TRAIN, val_every=5, max_steps=steps_per_epoch + 2))
+    result = train(cfg)
+    rows = read_rows(result.run_dir / "metrics.csv")
+    assert [(int(r["step"]), bool(r["val_acc"])) for r in rows] == [(steps_per_epoch, False),
+                                                                    (steps_per_epoch + 2, True)]
+    assert result.best_val_acc == pytest.approx(float(rows[-1]["val_acc"]))
+    with pytest.raises(ValueError, match="val_every=0"):
+        resolve_config(None, data="unused", val_every=0)
 
 
 @pytest.mark.slow

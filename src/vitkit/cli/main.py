@@ -156,6 +156,8 @@ def build_parser() -> Parser:
     t.add_argument("--auto-augment", choices=["none", "trivial", "randaugment"])
     t.add_argument("--tta-flip", action="store_true", default=None, help="evaluate with horizontal-flip averaging")
     t.add_argument("--val-fraction", type=fraction)
+    t.add_argument("--val-every", type=positive_int, metavar="EPOCHS",
+                   help="validate every EPOCHS epochs (and at the end): more of a time budget trains")
     t.add_argument("--skip-bad-images", action="store_true", default=None)
     t.add_argument("--init", help="pretrained weights to fine-tune from (timm, Hugging Face, .npz, vitkit)")
     t.add_argument("--teacher", help="distil from this trained classifier (run dir, .ckpt or .safetensors), "
@@ -285,9 +287,9 @@ TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "schedule", "label_smoothing", "drop_path_rate", "drop_rate",
     "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
-    "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight", "distill_cache", "layer_decay", "freeze",
-    "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices", "num_nodes", "strategy",
-    "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
+    "val_every", "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight", "distill_cache",
+    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
+    "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
 ]
 
 

@@ -40,6 +40,7 @@ class TrainConfig:
     download: bool = False
     val_fraction: float = 0.1  # per-class holdout carved from train when the source has no val split
     split_seed: int = 0
+    val_every: int = 1  # validate every this many epochs, and always at the end of training
     skip_bad_images: bool = False
     normalization: str = "vit"  # "vit" (0.5, 0.5), "imagenet" or "cifar10" mean/std
     num_workers: int = 0  # decoding workers for folders streamed from disk
@@ -105,7 +106,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values a user can get wrong; errors name the key, the value and the fix."""
-        positive = ["epochs", "batch_size", "accumulate"]
+        positive = ["epochs", "batch_size", "accumulate", "val_every"]
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:

@@ -130,7 +130,7 @@ class ViTClassifier(L.LightningModule):
         self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
         self._val: dict[str, Any] = {}
         self._val_start = 0.0
-        self.validation_seconds: float | None = None  # the latest validation pass, as metrics.csv shows it
+        self.validation_seconds: float | None = None  # this epoch's validation pass, as metrics.csv shows it
         self._throughput: list[float] = []
         if cfg.resize_start is not None:
             full, patch = model.config.img_size, model.config.patch_size
@@ -266,6 +266,7 @@ class ViTClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
+        self.validation_seconds = None  # stays None through an epoch that val_every leaves unvalidated
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         images, labels, key = batch

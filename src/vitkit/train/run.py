@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, load_splits
 from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
-from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget
+from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget, ValidateAtEnd
 from vitkit.train.config import MODEL_SETTINGS, TrainConfig
 from vitkit.train.distill import CACHE_FILE_NAME, load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
@@ -196,17 +196,19 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     has_val = len(splits.val) > 0
-    # Checkpoints are taken at validation end (or epoch end without validation); Lightning's save_last
-    # only writes when the best one changed, so a second callback writes last.ckpt every epoch.
+    # best.ckpt is taken at validation end (or epoch end without validation); Lightning's save_last
+    # only writes when the best one changed, so a second callback writes last.ckpt every epoch: at
+    # validation end, or at the epoch's end where val_every leaves epochs unvalidated.
+    last_at_epoch_end = not has_val or cfg.val_every > 1
     best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_acc" if has_val else None, mode="max",
                            enable_version_counter=False, save_on_train_epoch_end=not has_val)
     last = ModelCheckpoint(dirpath=run_dir, filename="last", monitor=None, enable_version_counter=False,
-                           save_on_train_epoch_end=not has_val)
+                           save_on_train_epoch_end=last_at_epoch_end)
     metrics = MetricsTable(run_dir)
     if ckpt_path is not None:
         metrics.load_existing()
     extra = list(callbacks or [])
-    callbacks = [best, last, metrics, GracefulStop(run_dir / "last.ckpt", has_val)]
+    callbacks = [best, last, metrics, GracefulStop(run_dir / "last.ckpt", not last_at_epoch_end)]
     if cfg.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if cfg.time_budget:
@@ -214,6 +216,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     if cfg.swa:
         callbacks.append(StochasticWeightAveraging(swa_lrs=cfg.lr * 0.1, swa_epoch_start=0.75))
     callbacks += extra
+    if has_val:
+        callbacks.append(ValidateAtEnd())  # last: it must see a stop any other callback asks for
     logger: Any = False
     if cfg.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -230,6 +234,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         precision=precision,
         max_epochs=cfg.epochs if not cfg.time_budget else 10_000,
         max_steps=cfg.max_steps or -1,
+        check_val_every_n_epoch=cfg.val_every,
         gradient_clip_val=cfg.grad_clip,
         accumulate_grad_batches=cfg.accumulate,
         deterministic=cfg.deterministic,
