@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, load_splits
 from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
-from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget, ValidateAtEnd
+from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget, ValidationSchedule
 from vitkit.train.config import MODEL_SETTINGS, TrainConfig
 from vitkit.train.distill import CACHE_FILE_NAME, load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         callbacks.append(StochasticWeightAveraging(swa_lrs=cfg.lr * 0.1, swa_epoch_start=0.75))
     callbacks += extra
     if has_val:
-        callbacks.append(ValidateAtEnd())  # last: it must see a stop any other callback asks for
+        callbacks.append(ValidationSchedule(cfg.val_every))  # last: it must see a stop any other callback asks for
     logger: Any = False
     if cfg.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
