@@ -157,7 +157,7 @@ def build_parser() -> Parser:
     t.add_argument("--tta-flip", action="store_true", default=None, help="evaluate with horizontal-flip averaging")
     t.add_argument("--val-fraction", type=fraction)
     t.add_argument("--val-every", type=positive_int, metavar="EPOCHS",
-                   help="validate every EPOCHS epochs (and at the end): more of a time budget trains")
+                   help="validate every EPOCHS epochs (and the first and last): more of a time budget trains")
     t.add_argument("--skip-bad-images", action="store_true", default=None)
     t.add_argument("--init", help="pretrained weights to fine-tune from (timm, Hugging Face, .npz, vitkit)")
     t.add_argument("--teacher", help="distil from this trained classifier (run dir, .ckpt or .safetensors), "

@@ -40,7 +40,7 @@ class TrainConfig:
     download: bool = False
     val_fraction: float = 0.1  # per-class holdout carved from train when the source has no val split
     split_seed: int = 0
-    val_every: int = 1  # validate every this many epochs, and always at the end of training
+    val_every: int = 1  # validate every this many epochs, and always the first and where training ends
     skip_bad_images: bool = False
     normalization: str = "vit"  # "vit" (0.5, 0.5), "imagenet" or "cifar10" mean/std
     num_workers: int = 0  # decoding workers for folders streamed from disk
