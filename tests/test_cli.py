@@ -120,8 +120,10 @@ def test_train_model_arg_changes_one_of_a_recipes_model_options(monkeypatch, cap
                                best_checkpoint=Path("best.ckpt"))
 
     monkeypatch.setattr(vitkit.train, "train", record)
-    argv = "train --recipe cifar10-hybrid-30m --data unused --model-arg patch_drop_rate=0.5 --auto-augment trivial"
+    argv = ("train --recipe cifar10-hybrid-30m --data unused --model-arg patch_drop_rate=0.5 --auto-augment trivial "
+            "--auto-augment-start 0.3")
     assert main(argv.split()) == 0
     cfg = seen["cfg"]
     assert cfg.model_args == {"stem": "conv", "stem_depth": 2, "patch_drop_rate": 0.5}
     assert cfg.augment["auto_augment"] == "trivial" and cfg.augment["crop_padding"] == 4
+    assert cfg.auto_augment_start == 0.3

@@ -225,6 +225,17 @@ def test_mix_false_leaves_the_batch_unmixed():
     assert targets.dtype == torch.int64 and torch.equal(out, preprocess(x, 8, VIT_MEAN, VIT_STD))
 
 
+def test_auto_augment_false_leaves_out_only_the_auto_augment_ops():
+    """A schedule switches TrivialAugment off for early steps: crop and flip are drawn as before and
+    the batch is what the same config without auto_augment gives; switched on, the ops change it."""
+    x, y = images(8, 8), torch.arange(8)
+    trivial = BatchAugment(AugmentConfig(crop_padding=2, auto_augment="trivial"), 8, 8, VIT_MEAN, VIT_STD)
+    plain = BatchAugment(AugmentConfig(crop_padding=2), 8, 8, VIT_MEAN, VIT_STD)
+    off, _ = trivial(x, y, gen(3), auto_augment=False)
+    assert torch.equal(off, plain(x, y, gen(3))[0])
+    assert not torch.equal(trivial(x, y, gen(3))[0], off)
+
+
 def test_view_targets_see_each_samples_crop_and_are_mixed_as_the_labels():
     """A cached teacher is asked for the view each sample was cropped to: the offsets and flips it is
     handed reproduce the images, asking changes no draw, and mixing weighs its answers by the labels' lam."""

@@ -749,26 +749,32 @@ def test_progressive_resizing_grows_the_training_images_to_full_size(tmp_path, c
 
 
 @pytest.mark.slow
-def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder):
+def test_ema_horizon_mix_start_and_auto_augment_start_follow_the_runs_length(tmp_path, color_folder):
     """ema_horizon 0.2 of a 15-step run is a time constant of 3 steps (decay 2/3); mix_start 0.5
-    leaves the first half of the steps unmixed and mixes every step after (mix_prob 1)."""
+    leaves the first half of the steps unmixed and mixes every step after (mix_prob 1);
+    auto_augment_start 0.2 leaves TrivialAugment out of the first fifth."""
     mixed: list[bool] = []
+    strong: list[bool] = []
     modules = []
+
+    def watch(augment, args, kwargs, output):
+        mixed.append(output[1].ndim == 2)
+        strong.append(kwargs["auto_augment"])
 
     class WatchTargets(L.Callback):
         def on_fit_start(self, trainer, module):
             modules.append(module)
-            module.augment.register_forward_hook(
-                lambda augment, args, output: mixed.append(output[1].ndim == 2))
+            module.augment.register_forward_hook(watch, with_kwargs=True)
 
     cfg = resolve_config(None, data=str(color_folder), out=str(tmp_path / "run"), val_fraction=0.25,
-                         **dict(TINY_TRAIN, ema_horizon=0.2, mix_start=0.5,
-                                augment={"hflip": True, "mixup_alpha": 0.8}))
+                         **dict(TINY_TRAIN, ema_horizon=0.2, mix_start=0.5, auto_augment_start=0.2,
+                                augment={"hflip": True, "mixup_alpha": 0.8, "auto_augment": "trivial"}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(cfg, callbacks=[WatchTargets()])
     assert not [w for w in caught if "eval mode" in str(w.message)]  # the EMA copy is eval on purpose
     assert mixed == [False] * 8 + [True] * 7  # steps 0..7 come before 0.5 * 15
+    assert strong == [False] * 3 + [True] * 12  # steps 0..2 come before 0.2 * 15
     module = modules[0]
     assert module.ema_decay() == pytest.approx(1 - 1 / 3)
     saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
@@ -779,6 +785,10 @@ def test_ema_horizon_and_mix_start_follow_the_runs_length(tmp_path, color_folder
         resolve_config(None, data="unused", ema=0.999, ema_horizon=0.05)
     with pytest.raises(ValueError, match="mix_start"):
         resolve_config(None, data="unused", mix_start=1.0)
+    with pytest.raises(ValueError, match=r"auto_augment_start=1\.5"):
+        resolve_config(None, data="unused", auto_augment_start=1.5)
+    with pytest.raises(ValueError, match="add --auto-augment trivial"):
+        resolve_config(None, data="unused", auto_augment_start=0.5)
 
 
 def test_teacher_sees_the_students_pixels_in_its_own_normalisation_size_and_class_order(tmp_path):

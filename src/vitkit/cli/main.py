@@ -154,6 +154,8 @@ def build_parser() -> Parser:
     t.add_argument("--cutmix", type=non_negative_float, dest="cutmix_alpha", help="cutmix alpha")
     t.add_argument("--mix-start", type=fraction, help="mixup/cutmix from this fraction of the run's steps on")
     t.add_argument("--auto-augment", choices=["none", "trivial", "randaugment"])
+    t.add_argument("--auto-augment-start", type=fraction,
+                   help="TrivialAugment/RandAugment from this fraction of the run's steps on")
     t.add_argument("--tta-flip", action="store_true", default=None, help="evaluate with horizontal-flip averaging")
     t.add_argument("--val-fraction", type=fraction)
     t.add_argument("--val-every", type=positive_int, metavar="EPOCHS",
@@ -286,10 +288,11 @@ def _version() -> str:
 TRAIN_FLAGS = [
     "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
     "weight_decay", "optimizer", "warmup_epochs", "schedule", "label_smoothing", "drop_path_rate", "drop_rate",
-    "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "nonfinite", "swa", "tta_flip", "val_fraction",
-    "val_every", "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight", "distill_cache",
-    "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator", "devices",
-    "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress", "tensorboard",
+    "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "auto_augment_start", "nonfinite", "swa",
+    "tta_flip", "val_fraction", "val_every", "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight",
+    "distill_cache", "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator",
+    "devices", "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress",
+    "tensorboard",
 ]
 
 

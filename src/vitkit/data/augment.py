@@ -393,10 +393,11 @@ class BatchAugment(torch.nn.Module):
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
-        mix: bool = True, view_targets: ViewTargets | None = None,
+        mix: bool = True, view_targets: ViewTargets | None = None, auto_augment: bool = True,
     ) -> tuple[torch.Tensor, ...]:
-        """Augmented, normalised images and targets; mix=False leaves this batch unmixed (a schedule
-        may switch mixup/cutmix on late).
+        """Augmented, normalised images and targets; mix=False leaves this batch unmixed and
+        auto_augment=False leaves out its TrivialAugment/RandAugment ops (a schedule may switch either
+        on late).
 
         view_targets, if given, is called with each sample's crop offsets and flip and returns
         per-sample soft targets for that view (a distillation teacher's cached probabilities); they are
@@ -421,7 +422,7 @@ class BatchAugment(torch.nn.Module):
                 x = crop_flip(x, *view, cfg.padding_mode, reach=cfg.crop_padding)
             if view_targets is not None:
                 soft = view_targets(*view)
-        if cfg.auto_augment is not None:
+        if cfg.auto_augment is not None and auto_augment:
             table, signed = self._table(height, width, device)
             randaugment = cfg.auto_augment == "randaugment"
             rounds, fixed_bin = (cfg.randaugment_n, cfg.randaugment_m) if randaugment else (1, None)

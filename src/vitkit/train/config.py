@@ -87,6 +87,7 @@ class TrainConfig:
     swa: bool = False
     augment: dict[str, Any] = field(default_factory=lambda: {"hflip": True})
     mix_start: float = 0.0  # mixup/cutmix only from this fraction of the run's steps on ("mixup late")
+    auto_augment_start: float = 0.0  # augment's auto_augment ops only from this fraction of the run's steps on
     tta_flip: bool = False  # evaluate on the image and its mirror, averaged
     # run
     seed: int = 0
@@ -128,6 +129,12 @@ class TrainConfig:
                              "(ema fixes the decay, ema_horizon sizes it to the run's length)")
         if not 0 <= self.mix_start < 1:
             raise ValueError(f"mix_start={self.mix_start}: a fraction of the run's steps in [0, 1), e.g. 0.5")
+        if not 0 <= self.auto_augment_start < 1:
+            raise ValueError(f"auto_augment_start={self.auto_augment_start}: a fraction of the run's steps in [0, 1), "
+                             "e.g. 0.3")
+        if self.auto_augment_start and not self.augment.get("auto_augment"):
+            raise ValueError(f"auto_augment_start={self.auto_augment_start} schedules augment's auto_augment, which "
+                             "is not set: add --auto-augment trivial (augment: {auto_augment: trivial}) or drop it")
         if not 0 < self.distill_weight <= 1:
             raise ValueError(f"distill_weight={self.distill_weight}: the teacher's share of the loss, in (0, 1], "
                              "e.g. 0.5")
