@@ -274,15 +274,15 @@ class ViTClassifier(L.LightningModule):
         # mix_start, auto_augment_start: mixing and the auto-augment ops only once the model has begun
         # to fit its data; asked every step, since a time budget re-plans the run's length.
         mix = self.global_step >= self.cfg.mix_start * self.total_steps()
-        strong = self.global_step >= self.cfg.auto_augment_start * self.total_steps()
+        auto_augment = self.global_step >= self.cfg.auto_augment_start * self.total_steps()
         taught = None  # the teacher's probabilities, from its cache
         if isinstance(self.teacher, TeacherCache):
             indices, cache = self.trainer.train_dataloader.indices(key), self.teacher
             x, targets, taught = self.augment(images, labels, generator=generator, mix=mix,
                                               view_targets=lambda *view: cache.probabilities(indices, *view),
-                                              auto_augment=strong)
+                                              auto_augment=auto_augment)
         else:
-            x, targets = self.augment(images, labels, generator=generator, mix=mix, auto_augment=strong)
+            x, targets = self.augment(images, labels, generator=generator, mix=mix, auto_augment=auto_augment)
         if self.cfg.patch_drop_end is not None or self.cfg.patch_drop_until is not None:
             self.model.patch_drop_rate = self.patch_drop_rate(self.global_step)
         side = self.train_resolution(self.global_step)
