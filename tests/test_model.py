@@ -446,6 +446,32 @@ def test_the_projection_probe_is_not_counted_as_the_models_work():
     assert counts[0] == counts[1] > 0
 
 
+def test_a_compiled_model_counted_on_its_first_inference_runs_the_probe_eagerly():
+    """`vitkit bench --compile` counts a compiled model's FLOPs on its first inference call; the
+    projection probe that call runs must stay eager (it failed in inductor on a Zen 4, 2026-12-07)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitkit.model import cpu_linear
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = model(x)
+    compiled = torch.compile(model)
+    cpu_linear.onednn_linear_pays.cache_clear()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            out = compiled(x)
+        assert counter.get_total_flops() > 0
+        with torch.inference_mode():
+            assert torch.allclose(compiled(x), expected, atol=1e-5)
+    finally:
+        cpu_linear.onednn_linear_pays.cache_clear()
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_cpu_inference_under_bf16_autocast_multiplies_in_bf16():
     """Under autocast, inference multiplies in bf16, as training under autocast does: through oneDNN
     with the operands cast to bf16 (autocast would not cast a private op's), or through F.linear."""

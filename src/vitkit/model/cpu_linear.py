@@ -67,9 +67,15 @@ def onednn_linear_pays(dtype: torch.dtype = torch.float32) -> bool:
         return _time_fused_and_blas(rows=2048 if dtype == torch.float32 else 512, dtype=dtype)
 
 
+@torch.compiler.disable  # eager kernels timed: a compiled caller's frame hook must not trace them
 def _time_fused_and_blas(rows: int = 2048, dim: int = 192, hidden: int = 768, repeats: int = 5,
                          dtype: torch.dtype = torch.float32) -> bool:
-    """Whether cifar-tiny's MLP on `rows` tokens runs faster fused (best of `repeats` each)."""
+    """Whether cifar-tiny's MLP on `rows` tokens runs faster fused (best of `repeats` each).
+
+    Compiled code can reach it: a compiled model that runs part of its forward eagerly (under a
+    FLOP counter, as `vitkit bench --compile` counts) still hands every frame it calls to dynamo,
+    which would compile these two MLPs, fail to lower oneDNN's op with a weight that is not a
+    constant, and time nothing of what eager inference runs."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
