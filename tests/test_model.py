@@ -424,50 +424,47 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     assert torch.allclose(inferred, trained.detach(), atol=1e-5)
 
 
-def test_the_projection_probe_is_not_counted_as_the_models_work():
+@pytest.fixture
+def unprobed():
+    """No cached oneDNN-or-BLAS verdict (cpu_linear.onednn_linear_pays): the test's first CPU
+    inference call runs the probe; the verdict it leaves is dropped again afterwards."""
+    from vitkit.model import cpu_linear
+
+    cpu_linear.onednn_linear_pays.cache_clear()
+    yield
+    cpu_linear.onednn_linear_pays.cache_clear()
+
+
+def test_the_projection_probe_is_not_counted_as_the_models_work(unprobed):
     """The first CPU inference times oneDNN against BLAS (cpu_linear.onednn_linear_pays); a FLOP
     counter around that first call must see the model's products only."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitkit.model import cpu_linear
-
     model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
     x = torch.randn(2, 3, 16, 16)
     counts = []
-    cpu_linear.onednn_linear_pays.cache_clear()
-    try:
-        for _ in range(2):
-            counter = FlopCounterMode(display=False)
-            with torch.inference_mode(), counter:
-                model(x)
-            counts.append(counter.get_total_flops())
-    finally:
-        cpu_linear.onednn_linear_pays.cache_clear()
+    for _ in range(2):
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            model(x)
+        counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
 
 
-def test_a_compiled_model_counted_on_its_first_inference_runs_the_probe_eagerly():
+def test_a_compiled_model_counted_on_its_first_inference_runs_the_probe_eagerly(unprobed):
     """`vitkit bench --compile` counts a compiled model's FLOPs on its first inference call; the
     projection probe that call runs must stay eager (it failed in inductor on a Zen 4, 2026-12-07)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitkit.model import cpu_linear
-
     torch.manual_seed(0)
     model = vitkit.create_model("cifar-mini", depth=1, img_size=16).eval()
     x = torch.randn(2, 3, 16, 16)
-    with torch.inference_mode():
-        expected = model(x)
     compiled = torch.compile(model)
-    cpu_linear.onednn_linear_pays.cache_clear()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.inference_mode(), counter:
-            counted = compiled(x)
-        with torch.inference_mode():
-            again = compiled(x)
-    finally:
-        cpu_linear.onednn_linear_pays.cache_clear()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:  # the first inference call: it runs the probe
+        counted = compiled(x)
+    with torch.inference_mode():
+        again, expected = compiled(x), model(x)
     assert counter.get_total_flops() > 0
     assert torch.allclose(counted, expected, atol=1e-5) and torch.allclose(again, expected, atol=1e-5)
 
