@@ -5,8 +5,11 @@ process, so drift in clock speed or background load hits both alike; medians are
 FLOP count comes from ``torch.utils.flop_counter.FlopCounterMode`` on one real step, and the peak is
 the fastest of a large matrix product by each library PyTorch has for it (matmul_peaks), timed in the
 same run, in the step's precision: fp32 by default on the CPU, bf16 under autocast on CUDA or with
-``precision="bf16-mixed"`` (worth it only on CPUs whose bf16 products outrun fp32, such as AVX-512
-EPYCs (Zen 4); on AVX2 ones they are ~100x slower).
+``precision="bf16-mixed"`` (worth it only on CPUs whose bf16 products outrun fp32; CPUs without native
+bf16 products emulate them, about 100x slower; see docs/experiments.md).
+
+vitkit's model runs with its fast CPU kernels on (``vitkit.model.fast.optimize``), as training and
+inference run it; the timm twin is timm's own model.
 
 The peak is a square product's; a model's products are thinner (one side is its width), so they run
 slower. To tell that apart from everything else a step does, the counted operations of one step are
@@ -33,7 +36,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
-from vitkit.model.cpu_linear import ONEDNN_LINEAR, cpu_inference_projections
+from vitkit.model.fast import ONEDNN_LINEAR, cpu_inference_projections, optimize
 
 BENCH_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as `vitkit train --precision` takes them
 
@@ -49,8 +52,8 @@ def matmul_peaks(device: torch.device, size: int | None = None, repeats: int = 8
     them is the peak a step is compared with.
 
     Both count because either can run a step's products (vitkit's CPU inference uses oneDNN where it
-    pays), and BLAS alone can understate the ceiling: on a Zen 4 EPYC oneDNN's fp32 product ran
-    1.15x MKL's (220 against 191 GFLOP/s at 2048 squared).
+    pays), and BLAS alone can understate the ceiling: on some CPUs oneDNN's product runs faster than
+    BLAS's (docs/experiments.md).
 
     A GPU needs a product of 8192 squared to approach its peak; 2048 already saturates a CPU. After
     two products, repeats stop once they have taken `seconds`: a CPU that emulates bf16 (AVX2 ones)
@@ -252,7 +255,7 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
         raise ValueError(f"precision {precision!r} is not one of {', '.join(BENCH_PRECISIONS)}")
     bf16 = precision == "bf16-mixed"
     torch.manual_seed(0)
-    ours = VisionTransformer(get_config(name, **overrides))
+    ours = optimize(VisionTransformer(get_config(name, **overrides)))
     models = {"vitkit": ours}
     if against == "timm":
         models["timm"] = timm_twin(ours)
@@ -269,7 +272,7 @@ def bench_model(name: str = "cifar-tiny", *, batch_size: int = 128, against: str
         result["inference_projections"] = cpu_inference_projections(torch.bfloat16 if bf16 else torch.float32)
     for mode in ("train", "infer"):
         runners = {k: _Step(m, batch_size, dev, train=mode == "train", bf16=bf16) for k, m in models.items()}
-        # Counted per model: vitkit's forward skips work whose result nothing reads (the last
+        # Counted per model: vitkit's optimized forward skips work whose result nothing reads (the last
         # block's patch tokens), so it executes fewer FLOPs than timm for the same logits.
         flops = {k: count_flops(runner) for k, runner in runners.items()}
         for runner in runners.values():  # warm-up (and compilation) outside the timed rounds

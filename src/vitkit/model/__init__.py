@@ -1,4 +1,5 @@
-"""The model: config, variant table and the VisionTransformer. Imports nothing else of vitkit's."""
+"""The model: config, variant table and the VisionTransformer (the reference; ``vitkit.model.fast.optimize``
+switches one to faster CPU kernels). Imports nothing else of vitkit's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import torch
 
 from vitkit.model.config import SIZES, SMALL_IMAGE_PRESETS, ViTConfig, get_config, list_models
-from vitkit.model.vit import VisionTransformer, flip_averaged_log_probs, resample_pos_embed, sincos_pos_embed_2d
+from vitkit.model.pos_embed import resample_pos_embed, sincos_pos_embed_2d
+from vitkit.model.vit import VisionTransformer
 
 __all__ = [
     "SIZES",
@@ -16,7 +18,6 @@ __all__ = [
     "VisionTransformer",
     "count_parameters",
     "create_model",
-    "flip_averaged_log_probs",
     "get_config",
     "list_models",
     "resample_pos_embed",
