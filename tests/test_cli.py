@@ -4,6 +4,8 @@ traceback: a table of bad invocations, each run through `vitkit.cli.main.main` a
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,15 @@ def places(tmp_path_factory, trained_run, color_folder) -> dict[str, str]:
     a_file.write_text("x")
     unknown_key = root / "bad_recipe.yaml"
     unknown_key.write_text("lr: 1e-3\nlearning_rat: 2\n")
+    augment_typo = root / "augment_typo.yaml"
+    augment_typo.write_text("augment: {mixup: 0.8}\n")
     empty_folder = root / "empty"
     (empty_folder / "cats").mkdir(parents=True)
     run = trained_run.run_dir
     return {"run": str(run), "ckpt": str(run / "best.ckpt"), "data": str(color_folder),
             "other": str(other_classes), "text_jpg": str(text_jpg), "file": str(a_file),
-            "recipe": str(unknown_key), "empty": str(empty_folder), "out": str(root / "out"),
-            "missing": str(root / "does-not-exist")}
+            "recipe": str(unknown_key), "augment_typo": str(augment_typo), "empty": str(empty_folder),
+            "out": str(root / "out"), "missing": str(root / "does-not-exist")}
 
 
 # (id, argv with {placeholders}, words the message must contain)
@@ -76,6 +80,11 @@ BAD_INVOCATIONS = [
     ("inspect-missing-checkpoint", "inspect {missing}.ckpt -o {out}", ["does-not-exist"]),
     ("report-not-a-run", "report {data}", ["not a run directory"]),
     ("unknown-command", "fit --data {data}", ["fit"]),
+    ("train-unknown-flag", "train --data {data} --lrr 0.1", ["--lrr", "did you mean --lr"]),
+    ("train-unknown-precision", "train --data {data} --precision bf16", ["--precision", "bf16", "bf16-mixed"]),
+    ("train-mix-prob-above-one", "train --data {data} --mix-prob 2", ["--mix-prob", "2.0 must be a probability"]),
+    ("train-betas-one-value", "train --data {data} --betas 0.9", ["--betas", "2 arguments"]),
+    ("train-recipe-augment-typo", "train --data {data} --recipe {augment_typo}", ["'mixup'", "mixup_alpha"]),
 ]
 
 
@@ -127,3 +136,26 @@ def test_train_model_arg_changes_one_of_a_recipes_model_options(monkeypatch, cap
     assert cfg.model_args == {"stem": "conv", "stem_depth": 2, "patch_drop_rate": 0.5}
     assert cfg.augment["auto_augment"] == "trivial" and cfg.augment["crop_padding"] == 4
     assert cfg.auto_augment_start == 0.3
+
+
+# Bad invocations of the installed `vitkit` executable, as a shell runs it: no fixture, no test harness
+# between the user and the message.
+EXECUTABLE_CASES = [
+    ("unknown-flag", ["train", "--lrr", "0.1"], "did you mean --lr"),
+    ("bad-value-type", ["train", "--epochs", "many"], "'many' is not a whole number"),
+    ("unknown-recipe", ["train", "--recipe", "cifar10-quik", "--data", "unused"], "cifar10-quick"),
+    ("eval-without-checkpoint", ["eval", "--data", "unused"], "--checkpoint"),
+    ("unknown-command", ["fit"], "'fit'"),
+]
+
+
+@pytest.mark.parametrize("argv,words", [case[1:] for case in EXECUTABLE_CASES], ids=[c[0] for c in EXECUTABLE_CASES])
+def test_installed_executable_answers_a_bad_invocation_with_one_line(tmp_path, argv, words):
+    executable = Path(sys.executable).parent / "vitkit"
+    assert executable.is_file(), f"{executable} is missing: install the package (make test does) to run this test"
+    done = subprocess.run([str(executable), *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("vitkit") and words in lines[0], lines[0]
+    assert done.stdout == ""

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vitkit.allocator import keep_freed_memory
+from vitkit.settings import KINDS, Kind, kind_of, nearest, value_type
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
@@ -31,7 +35,26 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors instead of usage dumps."""
+    """argparse with one-line errors instead of usage dumps, and unknown flags named with the nearest
+    valid ones. ``populate`` adds a subcommand's flags when it is first parsed: `vitkit train`'s come
+    from TrainConfig, whose module loads the training code, which the other commands do without."""
+
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            flags = [option for action in self._actions for option in action.option_strings]
+            unknown = next((word for word in extras if word.startswith("-")), extras[0])
+            self.error(f"unrecognized arguments: {' '.join(extras)}{nearest(unknown.split('=')[0], flags)}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -39,70 +62,131 @@ class Parser(argparse.ArgumentParser):
 
 # ---- argument types: checked at parse time, named in the error -------------------------------
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+def flag_type(kind: Kind | str) -> Callable[[str], Any]:
+    """argparse's type for a value kind of vitkit.settings (or its name in KINDS): the kind's message
+    becomes argparse's one line."""
+    parse = (KINDS[kind] if isinstance(kind, str) else kind).parse
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return read
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+positive_int = flag_type("positive_int")
+model_arg = flag_type("mapping")  # KEY=VALUE -> (key, value), the value read as YAML reads a recipe's
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+# ---- train's flags: one per TrainConfig field ----------------------------------------------
+
+# `vitkit train`'s flags that are no setting (which run to continue, not how to train), with their help.
+TRAIN_COMMAND_FLAGS = {"--resume": "run directory or checkpoint to continue: its saved settings, then the flags"}
 
 
-def fraction(text: str) -> float:
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be below 1")
-    return value
+@dataclass(frozen=True)
+class SettingFlag:
+    """The flag of one setting: ``path`` is where its value goes, ("lr",) or ("augment", "mixup_alpha")."""
+
+    path: tuple[str, ...]
+    option: str
+    section: str
+    kwargs: dict[str, Any]  # add_argument's
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
 
 
-def duration(text: str) -> float:
-    from vitkit.train.config import parse_duration
+def setting_flags(config_class: type, section: str | None = None, prefix: tuple[str, ...] = ()) -> list[SettingFlag]:
+    """The flags of a settings dataclass's fields, from their metadata (vitkit.settings) and annotations.
+    Every default is None, so that a flag not given leaves the recipe's value (resolve_config)."""
+    hints = typing.get_type_hints(config_class)
+    flags = []
+    for item in dataclasses.fields(config_class):
+        meta = item.metadata
+        own_section = meta.get("section", section)
+        if meta.get("nested") is not None:
+            flags += setting_flags(meta["nested"], own_section, (*prefix, item.name))
+            continue
+        path = (*prefix, item.name)
+        base, length = value_type(hints[item.name])
+        about = meta.get("help", "")
+        name = meta.get("flag") or item.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": ".".join(path), "default": None}
+        if base is bool:
+            on_by_default = item.default is True
+            if on_by_default:
+                name, about = meta.get("flag") or f"no-{name}", f"turn off: {about}"
+            kwargs["action"] = "store_false" if on_by_default else "store_true"
+        else:
+            choices = meta.get("choices")
+            if choices is not None:
+                kwargs["choices"] = ["none" if choice is None else choice for choice in choices]
+            else:
+                kwargs["type"] = flag_type(kind_of(item, hints[item.name]))
+                kwargs["metavar"] = meta.get("metavar", item.name.upper())
+            if base is dict:  # KEY=VALUE, repeated
+                kwargs["action"] = "append"
+            if length is not None:
+                kwargs["nargs"] = length
+            if item.default not in (None, dataclasses.MISSING):
+                about += f" (default {_shown(item.default)})"
+        kwargs["help"] = about.replace("%", "%%")
+        flags.append(SettingFlag(path, f"--{name}", own_section or "", kwargs))
+    return flags
 
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def model_arg(text: str) -> tuple[str, Any]:
-    """KEY=VALUE, the value read as YAML reads a recipe's model_args (0.5, true, shifted)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. stem=shifted)")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):
-        with contextlib.suppress(ValueError):
-            parsed = float(parsed)  # YAML 1.1 reads 1e-12 as text
-    return key.strip(), parsed
+def add_setting_flags(parser: argparse.ArgumentParser, config_class: type,
+                      sections: Sequence[str]) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per setting, in one argument group per section (in --help); the groups by section."""
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in sections}
+    for flag in setting_flags(config_class):
+        groups[flag.section].add_argument(flag.option, **flag.kwargs)
+    return groups
 
 
-# ---- the parser ---------------------------------------------------------------------------
+def setting_overrides(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
+    """The settings the flags gave, as resolve_config takes them: nested ones (augment) and repeated
+    KEY=VALUE flags (model_args) as mappings, "none" as None."""
+    overrides: dict[str, Any] = {}
+    for flag in setting_flags(config_class):
+        value = getattr(args, flag.dest, None)
+        if value is None:
+            continue
+        if flag.kwargs.get("action") == "append":
+            value = dict(value)
+        elif flag.kwargs.get("nargs"):
+            value = tuple(value)
+        elif value == "none" and "none" in flag.kwargs.get("choices", ()):
+            value = None
+        target = overrides
+        for key in flag.path[:-1]:
+            target = target.setdefault(key, {})
+        target[flag.path[-1]] = value
+    return overrides
+
+
+def add_train_flags(parser: argparse.ArgumentParser, config_class: type | None = None) -> None:
+    """`vitkit train`'s flags: one per field of TrainConfig (or of config_class, a dataclass like it)."""
+    from vitkit.train.config import SECTIONS, TrainConfig
+
+    groups = add_setting_flags(parser, config_class or TrainConfig, SECTIONS)
+    for option, about in TRAIN_COMMAND_FLAGS.items():
+        groups["run"].add_argument(option, help=about)
+    parser.set_defaults(func=cmd_train, config_class=config_class)
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """train's and bench's model options beyond their own flags: one generic flag, not one per option."""
+    """bench's model options beyond its own flags: one generic flag, not one per option (as train's)."""
     parser.add_argument("--model-arg", action="append", default=[], type=model_arg, metavar="KEY=VALUE",
                         help="a model option as a recipe's model_args takes it (stem=shifted, patch_drop_rate=0.5); "
                              "repeat for more")
@@ -122,76 +206,10 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    t = sub.add_parser("train", help="train from scratch, or fine-tune with --init")
-    t.add_argument("--recipe", help="shipped recipe name (see `vitkit recipes`) or a YAML file")
-    t.add_argument("--data", help="image folder, extracted CIFAR dir, or cifar10/cifar100 (with --download)")
-    t.add_argument("--download", action="store_true", default=None, help="download cifar10/cifar100 if missing")
-    t.add_argument("--model", help="variant: S/16, B/16@384, vit_tiny_patch16_224, cifar-tiny ...")
-    t.add_argument("--img-size", type=positive_int)
-    t.add_argument("--patch-size", type=positive_int)
-    t.add_argument("--depth", type=positive_int)
-    add_model_args(t)
-    t.add_argument("--epochs", type=positive_int)
-    t.add_argument("--max-steps", type=positive_int)
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=positive_float)
-    t.add_argument("--weight-decay", type=non_negative_float)
-    t.add_argument("--optimizer", choices=["adamw", "muon", "adam", "sgd"])
-    t.add_argument("--warmup-epochs", type=non_negative_float)
-    t.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="lr after warmup (default cosine)")
-    t.add_argument("--label-smoothing", type=fraction)
-    t.add_argument("--drop-path-rate", type=fraction)
-    t.add_argument("--drop-rate", type=fraction)
-    t.add_argument("--grad-clip", type=positive_float)
-    t.add_argument("--accumulate", type=positive_int, help="gradient accumulation steps")
-    t.add_argument("--ema", type=fraction, help="EMA decay, e.g. 0.999 (the EMA weights are evaluated and saved)")
-    t.add_argument("--ema-horizon", type=fraction,
-                   help="EMA sized to the run: its time constant as a fraction of the run's steps, e.g. 0.05")
-    t.add_argument("--on-nonfinite", dest="nonfinite", choices=["stop", "skip"],
-                   help="a NaN/inf loss stops the run (default) or skips that step")
-    t.add_argument("--swa", action="store_true", default=None)
-    t.add_argument("--mixup", type=non_negative_float, dest="mixup_alpha", help="mixup alpha")
-    t.add_argument("--cutmix", type=non_negative_float, dest="cutmix_alpha", help="cutmix alpha")
-    t.add_argument("--mix-start", type=fraction, help="mixup/cutmix from this fraction of the run's steps on")
-    t.add_argument("--auto-augment", choices=["none", "trivial", "randaugment"])
-    t.add_argument("--auto-augment-start", type=fraction,
-                   help="TrivialAugment/RandAugment from this fraction of the run's steps on")
-    t.add_argument("--tta-flip", action="store_true", default=None, help="evaluate with horizontal-flip averaging")
-    t.add_argument("--val-fraction", type=fraction)
-    t.add_argument("--val-every", type=positive_int, metavar="EPOCHS",
-                   help="validate every EPOCHS epochs (and the first and last): more of a time budget trains")
-    t.add_argument("--skip-bad-images", action="store_true", default=None)
-    t.add_argument("--init", help="pretrained weights to fine-tune from (timm, Hugging Face, .npz, vitkit)")
-    t.add_argument("--teacher", help="distil from this trained classifier (run dir, .ckpt or .safetensors), "
-                   "which sees the same augmented batches")
-    t.add_argument("--distill-weight", type=positive_float, help="the teacher's share of the loss (default 0.5)")
-    t.add_argument("--distill-cache", action="store_true", default=None,
-                   help="ask the teacher once, before training, for every image on a grid of crops and flips, "
-                   "instead of a forward pass every step")
-    t.add_argument("--resample-patch", action="store_true", default=None,
-                   help="allow --init weights of another patch size (kernel resampled)")
-    t.add_argument("--layer-decay", type=positive_float, help="layer-wise lr decay, e.g. 0.75")
-    t.add_argument("--freeze", choices=["none", "backbone"], help="backbone: linear probe")
-    t.add_argument("--trust-checkpoint", action="store_true", default=None,
-                   help="allow pickled code in --init files (unsafe); --resume reads vitkit's own checkpoints, "
-                        "which need none")
-    t.add_argument("--resume", help="run directory or checkpoint to continue")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--deterministic", action="store_true", default=None)
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    t.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"])
-    t.add_argument("--devices", help="number of devices (or 'auto')")
-    t.add_argument("--strategy", help="auto, ddp, ddp_spawn, fsdp ...")
-    t.add_argument("--num-nodes", type=positive_int, help="machines in a multi-node run (torchrun or SLURM)")
-    t.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed, or auto: bf16-mixed where this machine "
-                   "multiplies bf16 faster than fp32 (CUDA, Zen 4 EPYCs), else 32-true")
-    t.add_argument("--num-workers", type=int)
-    t.add_argument("--time-budget", type=duration, help="wall-clock budget such as 30m: the schedule fits it")
-    t.add_argument("--out", help="run directory (default runs/latest)")
-    t.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    t.add_argument("--tensorboard", action="store_true", default=None)
-    t.set_defaults(func=cmd_train)
+    sub.add_parser("train", help="train from scratch, or fine-tune with --init", populate=add_train_flags,
+                   description="Train from scratch, or fine-tune with --init. Each flag sets the recipe key of "
+                   "its name (dashes for underscores; augmentation flags set augment's keys): defaults < "
+                   "--recipe < flags.")
 
     e = sub.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix")
     e.add_argument("--checkpoint", required=True, help="run directory, .ckpt or .safetensors")
@@ -285,36 +303,22 @@ def _version() -> str:
 
 # ---- commands -----------------------------------------------------------------------------
 
-TRAIN_FLAGS = [
-    "data", "download", "model", "img_size", "patch_size", "depth", "epochs", "max_steps", "batch_size", "lr",
-    "weight_decay", "optimizer", "warmup_epochs", "schedule", "label_smoothing", "drop_path_rate", "drop_rate",
-    "grad_clip", "accumulate", "ema", "ema_horizon", "mix_start", "auto_augment_start", "nonfinite", "swa",
-    "tta_flip", "val_fraction", "val_every", "skip_bad_images", "init", "resample_patch", "teacher", "distill_weight",
-    "distill_cache", "layer_decay", "freeze", "trust_checkpoint", "seed", "deterministic", "compile", "accelerator",
-    "devices", "num_nodes", "strategy", "precision", "num_workers", "time_budget", "out", "overwrite", "progress",
-    "tensorboard",
-]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import TrainingInterrupted, resolve_config, resume_checkpoint, saved_train_config, train
+    from vitkit.train.config import TrainConfig
 
     start = time.monotonic()
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    augment = {k: getattr(args, k) for k in ("mixup_alpha", "cutmix_alpha") if getattr(args, k) is not None}
-    if args.auto_augment is not None:
-        augment["auto_augment"] = None if args.auto_augment == "none" else args.auto_augment
-    if augment:
-        overrides["augment"] = augment
-    if args.model_arg:
-        overrides["model_args"] = dict(args.model_arg)
+    config_class = args.config_class or TrainConfig
+    overrides = setting_overrides(args, config_class)
+    recipe = overrides.pop("recipe", None)
     if args.resume:
         checkpoint = resume_checkpoint(args.resume)
         saved = saved_train_config(checkpoint)
         overrides.setdefault("out", str(checkpoint.parent))
-        cfg = resolve_config(None, base={k: v for k, v in saved.items() if k != "recipe"}, **overrides)
+        cfg = resolve_config(None, base={k: v for k, v in saved.items() if k != "recipe"},
+                             config_class=config_class, **overrides)
     else:
-        cfg = resolve_config(args.recipe, **overrides)
+        cfg = resolve_config(recipe, config_class=config_class, **overrides)
     try:
         result = train(cfg, resume=args.resume, start_time=start)
     except TrainingInterrupted as stop:
@@ -335,7 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The model's size, as in training: small images stay as stored, and the decoded cache is shared.
     splits = load_splits(args.data, image_size=classifier.config.img_size,
                          val_fraction=0.0 if args.split == "all" else train_cfg.get("val_fraction", 0.1),
-                         seed=train_cfg.get("split_seed", 0))
+                         seed=train_cfg.get("split_seed", 0), interpolation=classifier.preprocessing.interpolation)
     if args.split == "val":
         images = splits.val
     elif args.split == "test":
@@ -457,7 +461,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     classifier = load(args.src, trust_checkpoint=args.trust_checkpoint)
     out = export(classifier.model, args.dst, args.to, classes=classifier.classes, mean=classifier.mean,
-                 std=classifier.std)
+                 std=classifier.std, interpolation=classifier.preprocessing.interpolation)
     print(f"wrote {out} ({args.to})")
     return 0
 
@@ -485,12 +489,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_images(classifier: Any, paths: list[Path]) -> tuple[Any, list]:
+    """The model's input batch for image files and each image as the model sees it, an (S, S, 3) array."""
     import numpy as np
-    import torch
 
     tensors = [classifier.to_tensor(str(p)) for p in paths]
     originals = [np.ascontiguousarray(t.permute(1, 2, 0).numpy()) for t in tensors]
-    return classifier.preprocess(torch.stack(tensors)), originals
+    return classifier.inputs(tensors), originals
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
