@@ -3,9 +3,8 @@
 PyTorch allocates CPU tensors with the C library's malloc. glibc hands heap memory back to the
 kernel whenever the free space at the heap's top passes a threshold (twice the largest block it
 has mmapped so far, at most 64 MB). A ViT's backward pass frees more than that at once, so each
-step gives back its activations and faults them in again on the next: on 2 cores of a Zen 4 EPYC,
-cifar-tiny's training step at batch 128 took 20,000-40,000 page faults and 893 ms, and 6-2,300
-faults and 861 ms with the settings below (medians of 6 alternating rounds in one process).
+step gives back its activations and faults them in again on the next, tens of thousands of page
+faults a step; with the settings below the next step reuses them.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vitkit.fileio import atomic_write, atomic_write_text
+from vitkit.train.plan import RunPlan
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -58,15 +60,14 @@ class GracefulStop(L.Callback):
 
     With --accumulate the stop waits for the group's optimizer step: a checkpoint cannot hold the
     gradients summed so far, and a resumed run would start the group over on the next batch. On an
-    epoch's last batch the stop waits for the epoch's validation (if val_every gives it one) and its
-    checkpoint, so the resumed run starts cleanly at the next epoch. A second signal while the
+    epoch's last batch the stop waits for the epoch's validation (if the plan gives it one) and its
+    checkpoints, so the resumed run starts cleanly at the next epoch. Where a batch stands (its
+    group, the epoch's last) comes from its step key and the run plan. A second signal while the
     checkpoint is written is ignored (the write is atomic anyway).
     """
 
-    def __init__(self, checkpoint: Path, checkpoint_after_validation: bool = True) -> None:
+    def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
-        # Validating every epoch, the epoch's checkpoint is written at validation end, before on_train_epoch_end.
-        self.checkpoint_after_validation = checkpoint_after_validation
         self.received: int | None = None
         self._stop_at_epoch_end: int | None = None
         self._previous: dict[int, Any] = {}
@@ -85,15 +86,15 @@ class GracefulStop(L.Callback):
         flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)  # every rank stops alike
         return int(trainer.strategy.reduce(flag, reduce_op="max").item()) or None
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         received = self._agreed_signal(trainer)
         if not received or self._stop_at_epoch_end:
             return
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        if progress.is_last_batch:
+        index = int(batch.step_key[1])
+        if pl_module.plan.is_last_batch(index):
             self._stop_at_epoch_end = received
             return
-        if progress.current.ready % trainer.accumulate_grad_batches:  # mid-group: no step taken yet
+        if not pl_module.plan.steps_after(index):  # mid-group: no step taken yet
             return
         # A full checkpoint (optimizer, loops, callbacks) for --resume; saying so also keeps Lightning 2.6
         # from logging "`weights_only` was not set" beside our resume hint.
@@ -102,8 +103,10 @@ class GracefulStop(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stop_at_epoch_end:
-            if not self.checkpoint_after_validation:
-                trainer.save_checkpoint(self.checkpoint, weights_only=False)
+            trainer.should_stop = True  # the epoch's checkpoints are written after this hook, then the run ends
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop_at_epoch_end:
             raise TrainingInterrupted(self._stop_at_epoch_end, self.checkpoint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -112,24 +115,43 @@ class GracefulStop(L.Callback):
         self._previous.clear()
 
 
+class PlanState(L.Callback):
+    """Keeps the module's run plan in every checkpoint (RunPlan.state_dict) and hands it back on resume,
+    so that the resumed run goes on from the position the stopped one reached."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_plan"] = pl_module.plan.state_dict()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if "run_plan" in checkpoint:  # a checkpoint of an earlier vitkit has none: the plan from the settings
+            pl_module.plan.load_state_dict(checkpoint["run_plan"])
+
+
+class ValidatedCheckpoint(ModelCheckpoint):
+    """best.ckpt: considered at the end of each epoch the plan validated, by that pass's val_acc (an
+    unvalidated epoch has no figure of its own to be compared on)."""
+
+    @property
+    def state_key(self) -> str:  # a plain ModelCheckpoint's: checkpoints of earlier runs restore its best score
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if pl_module.validation_seconds is not None:
+            super().on_train_epoch_end(trainer, pl_module)
+
+
 class TimeBudget(L.Callback):
-    """Fits the schedule to a wall-clock deadline: the cosine ends, validation runs and the final
+    """Fits the run plan to a wall-clock deadline: the cosine ends, validation runs and the final
     checkpoint is written by then.
 
-    After every step the total number of optimizer steps is re-planned (the lr schedule, mix_start,
-    the EMA horizon and the other fractions of the run read the plan live) from the average step
-    time since the first measured step, on a clock that stops during validation. The fraction of the
-    run done, step / plan, is then the fraction of the training time used, which only moves forward
-    (give or take the difference between two validation passes). A machine that slows down mid-run
-    (another process, thermal limits) moves down the cosine faster instead of being cut off by the
-    deadline halfway down it, and one whose speed swings does not raise the lr again or switch
-    mixing off and on. A sliding window of 20 steps did: on a shared 2-core machine swinging between
-    437 and 760 images/s from one epoch to the next, a 2-hour run's lr (logged every 10 steps) rose
-    again in 1,413 of 3,165 rows, once from 0.00017 to 0.00077 within 480 steps (a stall just after
-    a validation pass had made the window plan an early end), and mixing, once begun, switched off
-    for parts of later epochs.
-    At the planned step Lightning is asked to stop, which still validates and saves; the deadline
-    itself is only the last resort.
+    After every step the plan's total of optimizer steps is revised (RunPlan.revise; the lr, mix_start,
+    the EMA horizon and the other fractions of the run follow it) from the average step time since
+    the first measured step, on a clock that stops during validation. The fraction of the run done,
+    step / plan, is then the fraction of the training time used, which only moves forward (give or
+    take the difference between two validation passes). A machine that slows down mid-run moves down
+    the cosine faster instead of being cut off by the deadline halfway down it, and one whose speed
+    swings does not raise the lr again or switch mixing off and on. The plan ends the run at its last
+    step, which still validates and saves; the deadline itself is only the last resort.
     """
 
     def __init__(self, deadline: float, calibration_steps: int = 20, warmup_steps: int = 3,
@@ -142,18 +164,17 @@ class TimeBudget(L.Callback):
         self._val_seconds = 0.0  # a validation pass: the average so far, or an estimate before the first
         self._val_total = 0.0  # all validation so far, taken off the training clock
         self._val_count = 0
-        self._val_start = 0.0
 
     def _training_clock(self) -> float:
         return self.clock() - self._val_total
 
-    def _plan(self, trainer: L.Trainer, module: Any, seconds_per_step: float) -> None:
-        steps_per_epoch = module.steps_per_epoch()
-        val_per_step = self._val_seconds / (steps_per_epoch * module.cfg.val_every)
-        reserve = 2 * self._val_seconds + 5.0  # the final validation pass and the exported predictions
+    def revise(self, plan: RunPlan, step: int, seconds_per_step: float) -> None:
+        """Revise the plan: the steps that fit before the deadline at this speed, validation and the
+        reserve for the final validation pass and the exported predictions included."""
+        val_per_step = self._val_seconds / (plan.steps_per_epoch * plan.val_every)
+        reserve = 2 * self._val_seconds + 5.0
         remaining = self.deadline - self.clock() - reserve
-        planned = trainer.global_step + max(0, int(remaining / (seconds_per_step + val_per_step)))
-        module.planned_steps = min(planned, module.cfg.max_steps) if module.cfg.max_steps else planned
+        plan.revise(step + max(0, int(remaining / (seconds_per_step + val_per_step))))
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
         step = trainer.global_step
@@ -162,70 +183,32 @@ class TimeBudget(L.Callback):
         if self._origin is not None and step - self._origin[0] >= self.calibration_steps:
             seconds_per_step = (self._training_clock() - self._origin[1]) / (step - self._origin[0])
             if not self._val_seconds:  # no validation has run yet
-                self._val_seconds = self._estimate_val_seconds(trainer, module, seconds_per_step)
-            self._plan(trainer, module, seconds_per_step)
-        planned = module.planned_steps
-        if (planned is not None and step >= planned) or self.clock() > self.deadline:
+                self._val_seconds = self._estimate_val_seconds(module, seconds_per_step)
+            self.revise(module.plan, step, seconds_per_step)
+        if self.clock() > self.deadline:
             trainer.should_stop = True
 
-    def _estimate_val_seconds(self, trainer: L.Trainer, module: Any, seconds_per_step: float) -> float:
+    def _estimate_val_seconds(self, module: Any, seconds_per_step: float) -> float:
         """Before the first validation: a forward pass costs about a third of a training step."""
-        val_images = sum(len(loader.indices) for loader in _as_list(trainer.val_dataloaders))
+        val_images = len(module.val_batches.indices) if module.val_batches is not None else 0
         return val_images * seconds_per_step / module.cfg.batch_size / 3
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
-        self._val_start = self.clock()
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
-        if trainer.sanity_checking:  # a couple of batches before training: not a measurement
-            return
-        self._val_total += self.clock() - self._val_start
+    def validated(self, seconds: float) -> None:
+        """A validation pass took seconds: off the training clock, and the plan's estimate of a pass."""
+        self._val_total += seconds
         self._val_count += 1
         self._val_seconds = self._val_total / self._val_count
 
-
-class ValidationSchedule(L.Callback):
-    """Validation every val_every epochs (Lightning's check_val_every_n_epoch), plus the first epoch
-    and the step the run ends at, whatever their numbers.
-
-    The first pass times validation for a time budget's plan. Before it, the plan guesses a pass from
-    the training step's time, which patch dropout makes cheap: 2.7 s for cifar10-vit-30m on a Zen 4,
-    whose passes took 6.5 s, and a 5-minute run of it validating only at its end overran by about 12 s.
-    The last pass makes best.ckpt and the run's score those of the final weights: the last of a fixed
-    number of epochs, a time budget's planned stop, and max_steps, which Lightning does not validate in
-    mid-epoch, so it is asked to stop.
-
-    Register it after every callback that may stop the run: it reads trainer.should_stop once the
-    step's other callbacks have run, before Lightning decides whether to validate.
-    """
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        trainer.check_val_every_n_epoch = 1 if trainer.current_epoch == 0 or last else self.every
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
-        if trainer.should_stop:
-            trainer.check_val_every_n_epoch = 1
-
-
-def _as_list(loaders: Any) -> list:
-    if loaders is None:
-        return []
-    return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+        if module.validation_seconds is not None:  # the plan validated this epoch (at its end, or at the stop)
+            self.validated(module.validation_seconds)
 
 
 class MetricsTable(L.Callback):
     """One row per epoch in metrics.csv, one per logged step in steps.csv (for plots and reports).
 
-    val_seconds is the epoch's validation pass: under a time budget, wall clock that trains nothing
-    (6-9% of a 30-minute CIFAR-10 recipe's wall clock on 2 cores of a Zen 3 EPYC: 6.2 s a pass
-    against 95 s of training an epoch for the pure ViT, 8-12 s against about 125 s for the hybrid).
-    An epoch that val_every leaves unvalidated has its validation columns blank, not the last pass's.
+    val_seconds is the epoch's validation pass: under a time budget, wall clock that trains nothing.
+    An epoch that the plan leaves unvalidated has its validation columns blank, not the last pass's.
     """
 
     COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s",

@@ -1,16 +1,17 @@
 """Batches of uint8 images in a replayable order, for Lightning.
 
 The order of an epoch is a permutation drawn from (seed, epoch) alone, and each process of a
-multi-process run takes its own slice of it. The position inside the epoch is the only state, so
-a run stopped mid-epoch resumes on exactly the next batch (Lightning saves ``state_dict()`` in
-its checkpoint and hands it back to ``load_state_dict()``). Augmentation happens later, on the
+multi-process run takes its own slice of it. The position inside the epoch (the batches done, as
+the run plan counts them) is the only state, so a run stopped mid-epoch resumes on exactly the next
+batch (Lightning saves ``state_dict()`` in its checkpoint and hands it back to ``load_state_dict()``).
+Each batch carries its samples' indices in the training set. Augmentation happens later, on the
 training device, in whole batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,15 +23,28 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
+class TrainBatch(NamedTuple):
+    """A training batch: uint8 images, labels, step_key = (epoch, index in the epoch), and the
+    training-set indices of its samples (for per-image state such as a distillation teacher's cache)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    step_key: torch.Tensor
+    indices: torch.Tensor
+
+
 class TrainBatches:
-    """Shuffled training batches; yields ``(images, labels, step_key)`` with step_key = (epoch, index).
+    """Shuffled training batches (TrainBatch), replayable from (seed, epoch, index).
 
     ``drop_last`` keeps every batch the same size (one compiled graph, even BatchNorm-free
     statistics per step), and ranks get equally many batches so collective ops never hang.
+    ``position`` says what a checkpoint records: (epoch, batches of it done), the run plan's count;
+    without it, the batches handed out so far.
     """
 
     def __init__(self, images: ImageSet, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, current_epoch: Callable[[], int] | None = None) -> None:
+                 num_workers: int = 0, current_epoch: Callable[[], int] | None = None,
+                 position: Callable[[], tuple[int, int]] | None = None) -> None:
         per_rank = len(images) // world_size
         if per_rank < batch_size:
             raise ValueError(
@@ -46,10 +60,10 @@ class TrainBatches:
         # Asked at the start of each pass: Lightning's epoch counter is the truth, whatever order
         # its restore and epoch hooks run in.
         self.current_epoch = current_epoch or (lambda: self.epoch)
+        self.position = position or (lambda: (self.epoch, self.handed_out))
         self.epoch = 0
-        self.completed = 0  # batches of self.epoch finished (optimizer step taken)
+        self.handed_out = 0  # batches of self.epoch yielded so far
         self._resume_at: tuple[int, int] | None = None
-        self._order: tuple[int, list[torch.Tensor]] | None = None  # (epoch, its batches), for indices()
 
     def __len__(self) -> int:
         return (len(self.images) // self.world_size) // self.batch_size
@@ -59,33 +73,22 @@ class TrainBatches:
         mine = order[self.rank :: self.world_size]
         return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
 
-    def indices(self, step_key: torch.Tensor) -> torch.Tensor:
-        """The training-set indices of the batch a step_key names: for per-image state such as a
-        distillation teacher's cached answers."""
-        epoch, index = (int(v) for v in step_key.tolist())
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.batch_indices(epoch))
-        return self._order[1][index]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         self.epoch, start = self.current_epoch(), 0
         if self._resume_at is not None:
             epoch, completed = self._resume_at
             self._resume_at = None
             if epoch == self.epoch:
                 start = completed
-        self.completed = start
+        self.handed_out = start
         batches = self.batch_indices(self.epoch)[start:]
         for offset, (images, labels) in enumerate(iter_batches(self.images, batches, self.num_workers)):
-            yield images, labels, torch.tensor([self.epoch, start + offset])
-
-    def mark_completed(self, index_in_epoch: int) -> None:
-        """Called by a batch's training step: what a checkpoint records. Checkpoints are taken only
-        once a batch's optimizer step is done (GracefulStop, epoch ends), so the count is then exact."""
-        self.completed = index_in_epoch + 1
+            self.handed_out = start + offset + 1
+            yield TrainBatch(images, labels, torch.tensor([self.epoch, start + offset]), batches[offset])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "completed": self.completed, "seed": self.seed}
+        epoch, completed = self.position()
+        return {"epoch": epoch, "completed": completed, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:

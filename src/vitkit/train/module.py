@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchAugment, ImageSet, preprocess
-from vitkit.model import VisionTransformer, flip_averaged_log_probs
+from vitkit.data import DEFAULT_INTERPOLATION, AugmentConfig, BatchAugment, ImageSet, preprocess
+from vitkit.model import VisionTransformer
+from vitkit.model.tta import view_averaged_logits
 from vitkit.train.config import TrainConfig
 from vitkit.train.distill import Teacher, TeacherCache
+from vitkit.train.loader import EvalBatches, TrainBatch
 from vitkit.train.muon import MuonAdamW
+from vitkit.train.plan import (
+    RunPlan,
+    ema_decay,
+    has_begun,
+    lr_multiplier,
+    patch_drop_rate,
+    train_resolution,
+    warmup_steps,
+)
 
 log = logging.getLogger("vitkit")
 
@@ -89,32 +99,24 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
-    """The lr multiplier at an optimizer step: linear warmup, then cosine, linear decay or constant.
-
-    Both decays average half the peak; linear lowers the lr sooner and keeps more of it in the last
-    part of the run. Defazio et al. (2023) and Bergsma et al. (2025) found it matching or beating
-    cosine on language models; which wins on a given task is for a benchmark run to say.
-    """
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    fall = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return min_ratio + (1 - min_ratio) * fall
-
-
 class ViTClassifier(L.LightningModule):
-    """Trains a VisionTransformer on uint8 image batches, augmenting on the training device."""
+    """Trains a VisionTransformer on uint8 image batches, augmenting on the training device, and
+    validates it where the run plan says.
+
+    Validation is a pass of the module's own (validate), run after a training batch's callbacks have
+    had their say (so it sees a stop any of them asked for) and before the epoch's end, where the
+    checkpoints are written. Lightning's validation loop has nothing to run: there is no
+    val_dataloader and no validation_step, so it cannot validate where the plan does not.
+    """
 
     def __init__(self, model: VisionTransformer, cfg: TrainConfig, classes: list[str],
                  mean: tuple[float, ...], std: tuple[float, ...], train_size: int,
                  teacher: Teacher | None = None, teacher_images: ImageSet | None = None,
-                 teacher_cache_file: Path | None = None) -> None:
+                 teacher_cache_file: Path | None = None, val_images: ImageSet | None = None) -> None:
         """teacher_images: the training set, when the teacher's answers are to be cached
         (distill_cache) once training starts, on the device and in the precision it trains in;
-        teacher_cache_file keeps that cache for a resumed run (TeacherCache's file)."""
+        teacher_cache_file keeps that cache for a resumed run (TeacherCache's file); val_images: the
+        validation split (none: the run is not validated)."""
         super().__init__()
         self.model = model
         self.teacher: Teacher | TeacherCache | None = teacher
@@ -124,12 +126,13 @@ class ViTClassifier(L.LightningModule):
         self.classes = classes
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_size = train_size
-        self.planned_steps: int | None = None  # set by a time budget once the step time is known
+        # The run's plan: made once the number of processes is known (setup), restored from a checkpoint.
+        self.plan = RunPlan.for_config(cfg, train_size)
+        self._val_images = val_images
+        self.val_batches: EvalBatches | None = None  # this process's share of val_images, from setup
         self.ema = EMA(model) if cfg.ema or cfg.ema_horizon else None
         augment = AugmentConfig(**cfg.augment)
         self.augment = BatchAugment(augment, model.config.img_size, len(classes), self.mean, self.std)
-        self._val: dict[str, Any] = {}
-        self._val_start = 0.0
         self.validation_seconds: float | None = None  # this epoch's validation pass, as metrics.csv shows it
         self._throughput: list[float] = []
         if cfg.resize_start is not None:
@@ -149,21 +152,17 @@ class ViTClassifier(L.LightningModule):
     def eval_model(self) -> VisionTransformer:
         return self.ema.module if self.ema is not None else self.model
 
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (TrainBatches drops the last partial batch of each process).
+    def setup(self, stage: str) -> None:
+        """The plan and the validation batches of this process (the number of processes is known now).
 
-        Computed here rather than asked of Lightning: its estimate sets up the train loader before a
-        resumed run's loader state is restored, and the restore is then skipped.
+        The plan counts the steps itself rather than asking Lightning: Lightning's estimate sets up
+        the train loader before a resumed run's loader state is restored, and the restore is then skipped.
         """
-        batches = (self.train_size // self.trainer.world_size) // self.cfg.batch_size
-        return max(1, -(-batches // self.cfg.accumulate))  # Lightning also steps on an epoch's last, partial group
-
-    def total_steps(self) -> int:
-        """Optimizer steps the schedule spans: a time budget's plan, else epochs (or max_steps)."""
-        if self.planned_steps:
-            return self.planned_steps
-        total = self.steps_per_epoch() * self.cfg.epochs
-        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+        world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        self.plan = RunPlan.for_config(self.cfg, self.train_size, world_size)
+        if self._val_images is not None and len(self._val_images) > 0:
+            self.val_batches = EvalBatches(self._val_images, self.cfg.batch_size * 2, rank=rank,
+                                           world_size=world_size, num_workers=self.cfg.num_workers)
 
     # ---- optimisation ---------------------------------------------------------------------
 
@@ -177,65 +176,37 @@ class ViTClassifier(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
         elif cfg.optimizer == "muon":  # foreach ops and batched matmuls on any device
             # A run in bf16 autocast orthogonalizes in bf16, as CUDA always does; on the CPU that
-            # means precision auto found this chip's bf16 products fast: on a Xeon with AMX, a
-            # cifar10-vit-2h step took 221 instead of 238 ms (its optimizer 38 instead of 54).
+            # means precision auto found this chip's bf16 products fast, and the optimizer gains too.
             bf16 = str(self.trainer.precision).startswith("bf16")
             optimizer = MuonAdamW(groups, lr=cfg.lr, betas=cfg.betas, ns_dtype=torch.bfloat16 if bf16 else None)
         elif cfg.optimizer == "adam":  # L2 folded into the gradient, as the seed's Adam did
             optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **fast)
         else:
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fast)
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch())
+        warmup = warmup_steps(cfg.warmup_epochs, self.plan.steps_per_epoch)
 
-        def multiplier(step: int) -> float:  # reads total_steps() live: a time budget may re-plan it
-            return lr_multiplier(step, warmup, self.total_steps(), cfg.min_lr_ratio, cfg.schedule)
+        def multiplier(step: int) -> float:  # asks the plan every step: a time budget may revise it
+            return lr_multiplier(step, warmup, self.plan.total_steps, cfg.min_lr_ratio, cfg.schedule)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def ema_decay(self) -> float:
-        """The EMA's decay: fixed (ema), or sized to the run (ema_horizon).
-
-        A fixed decay such as 0.999 averages the last ~1,000 steps: most of a 5-minute run, a sliver
-        of a 2-hour one. ema_horizon instead makes the time constant 1 / (1 - decay) that fraction
-        of the planned steps, which a time budget re-plans as it goes.
-        """
-        if self.cfg.ema_horizon is None:
-            return float(self.cfg.ema)
-        return 1.0 - 1.0 / max(1.0, self.cfg.ema_horizon * self.total_steps())
+        """The EMA's decay now: fixed (ema), or sized to the planned steps (ema_horizon)."""
+        return ema_decay(self.cfg.ema, self.cfg.ema_horizon, self.plan.total_steps)
 
     def patch_drop_rate(self, step: int) -> float:
-        """The patch dropout of a step: the model's rate, falling linearly to patch_drop_end, and none
-        from patch_drop_until on.
-
-        Many tokens dropped early make the first steps cheap (as low resolution does in progressive
-        resizing); fewer dropped late bring training closer to evaluation, which sees every patch.
-        patch_drop_until ends the run on every patch, as FLIP's unmasked tuning does, so attention
-        learns the token count it is evaluated on. Those steps cost more; a time budget sees them slow
-        down and re-plans, so the unmasked tail takes about 1 - patch_drop_until of the time and a
-        smaller share of the steps.
-        """
-        start, end, until = self.model.config.patch_drop_rate, self.cfg.patch_drop_end, self.cfg.patch_drop_until
-        masked_steps = (until or 1.0) * self.total_steps()
-        if until is not None and step >= masked_steps:
-            return 0.0
-        progress = min(1.0, step / max(1.0, masked_steps))
-        return start if end is None else start + (end - start) * progress
+        """The patch dropout of a step (plan.patch_drop_rate): the model's rate, annealed to patch_drop_end,
+        none from patch_drop_until of the planned steps on."""
+        return patch_drop_rate(step, self.plan.total_steps, self.model.config.patch_drop_rate,
+                               self.cfg.patch_drop_end, self.cfg.patch_drop_until)
 
     def train_resolution(self, step: int) -> int:
-        """Progressive resizing: the side of a step's training images, from resize_start up to the
-        model's img_size by resize_until of the planned steps, in multiples of the patch size.
-
-        A ViT's step costs about its token count, so low resolution early buys more steps of a time
-        budget, while, unlike patch dropout's random subset, the tokens still cover the whole image. The
-        position embeddings are resampled to each grid (VisionTransformer.dynamic_img_size); the
-        full-resolution tail adapts the model to the size it is evaluated at.
-        """
-        full, start, patch = self.model.config.img_size, self.cfg.resize_start, self.model.config.patch_size
-        if start is None:
-            return full
-        progress = min(1.0, step / max(1.0, self.cfg.resize_until * self.total_steps()))
-        return min(full, int(start + (full - start) * progress) // patch * patch)
+        """The side of a step's training images (plan.train_resolution): progressive resizing from
+        resize_start to img_size by resize_until of the planned steps."""
+        config = self.model.config
+        return train_resolution(step, self.plan.total_steps, config.img_size, self.cfg.resize_start,
+                                self.cfg.resize_until, config.patch_size)
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -266,18 +237,18 @@ class ViTClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images, self._epoch_seconds = time.perf_counter(), 0, 0.0
-        self.validation_seconds = None  # stays None through an epoch that val_every leaves unvalidated
+        self.validation_seconds = None  # stays None through an epoch that the plan leaves unvalidated
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        images, labels, key = batch
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor | None:
+        images, labels, key, indices = batch
         generator = self._step_generator(key)
-        # mix_start, auto_augment_start: mixing and the auto-augment ops only once the model has begun
-        # to fit its data; asked every step, since a time budget re-plans the run's length.
-        mix = self.global_step >= self.cfg.mix_start * self.total_steps()
-        auto_augment = self.global_step >= self.cfg.auto_augment_start * self.total_steps()
+        # Asked every step, since a time budget revises the planned total.
+        step, total = self.global_step, self.plan.total_steps
+        mix = has_begun(step, total, self.cfg.mix_start)
+        auto_augment = has_begun(step, total, self.cfg.auto_augment_start)
         taught = None  # the teacher's probabilities, from its cache
         if isinstance(self.teacher, TeacherCache):
-            indices, cache = self.trainer.train_dataloader.indices(key), self.teacher
+            cache = self.teacher
             x, targets, taught = self.augment(images, labels, generator=generator, mix=mix,
                                               view_targets=lambda *view: cache.probabilities(indices, *view),
                                               auto_augment=auto_augment)
@@ -294,11 +265,9 @@ class ViTClassifier(L.LightningModule):
                 taught = self.teacher.probabilities(x)
             w = self.cfg.distill_weight
             loss = (1 - w) * loss + w * F.cross_entropy(logits, taught)  # soft targets
-        loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_completed"):  # what a checkpoint taken after this step records
-            loader.mark_completed(int(key[1]))
+        epoch, index = (int(v) for v in key.tolist())
+        self.plan.record_batch(epoch, index)  # what a checkpoint taken after this step records
         if not torch.isfinite(loss):
-            epoch, index = key.tolist()
             if self.cfg.nonfinite == "skip":  # returning None: Lightning skips backward and the update
                 log.warning("loss became %s: skipped step %d (epoch %d, batch %d), weights unchanged "
                             "(--on-nonfinite skip)", loss.item(), self.global_step, epoch, index)
@@ -322,9 +291,17 @@ class ViTClassifier(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.model, self.ema_decay())
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: TrainBatch, batch_idx: int) -> None:
+        """After every callback's on_train_batch_end (a time budget's revision, a stop it asked for):
+        the run ends where the plan does, and is validated where the plan says."""
         self._epoch_seconds = time.perf_counter() - self._epoch_start
         self.log("img/s", self.images_per_second(), prog_bar=True, batch_size=1)
+        trainer, step = self.trainer, self.global_step
+        if self.plan.ends_at(step):  # max_steps, which Lightning does not validate mid-epoch, or the budget's step
+            trainer.should_stop = True
+        epoch, index = (int(v) for v in batch.step_key.tolist())
+        if self.val_batches is not None and self.plan.validates_after(epoch, index, step, trainer.should_stop):
+            self.validate()
 
     def images_per_second(self) -> float:
         """Training images per second in this epoch up to its last finished step (validation excluded),
@@ -334,31 +311,35 @@ class ViTClassifier(L.LightningModule):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits of the saved weights (EMA if on), with optional flip averaging."""
         x = preprocess(images, self.model.config.img_size, self.mean, self.std)
-        return flip_averaged_log_probs(self.eval_model, x) if self.cfg.tta_flip else self.eval_model(x)
+        return view_averaged_logits(self.eval_model, x, flip=self.cfg.tta_flip)
 
-    def on_validation_epoch_start(self) -> None:
-        self._val = {"loss": [], "correct": [], "top5": [], "count": []}
-        self._val_start, self.validation_seconds = time.perf_counter(), None  # no stale figure from a pass before
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self.logits(images)
-        self._val["loss"].append(F.cross_entropy(logits, labels, reduction="sum"))
-        self._val["correct"].append((logits.argmax(-1) == labels).sum())
-        k = min(5, logits.shape[-1])
-        self._val["top5"].append((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
-        self._val["count"].append(torch.tensor(labels.shape[0], device=self.device))
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val.get("count"):
-            return
-        totals = torch.stack([torch.stack(v).sum().float() for v in self._val.values()])
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+    def validate(self) -> None:
+        """A validation pass: loss, top-1 and top-5 over every process's share, logged as val_loss,
+        val_acc and val_top5 for this epoch (the checkpoints and metrics.csv read them at its end), and
+        its wall clock as validation_seconds. In eval mode, without gradients, in the precision the
+        run trains in, as Lightning's own validation loop would run it."""
+        start = time.perf_counter()
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        parts: dict[str, list[torch.Tensor]] = {"loss": [], "correct": [], "top5": [], "count": []}
+        with torch.inference_mode(), self.trainer.precision_plugin.val_step_context():
+            for images, labels in self.val_batches:
+                images, labels = images.to(self.device), labels.to(self.device)
+                logits = self.logits(images)
+                k = min(5, logits.shape[-1])
+                parts["loss"].append(F.cross_entropy(logits, labels, reduction="sum"))
+                parts["correct"].append((logits.argmax(-1) == labels).sum())
+                parts["top5"].append((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
+                parts["count"].append(torch.tensor(labels.shape[0], device=self.device))
+            totals = torch.stack([torch.stack(v).sum().float() for v in parts.values()])
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        for module, training in modes:
+            module.train(training)
         loss, correct, top5, count = totals.tolist()
-        self.log("val_loss", loss / count, prog_bar=True, sync_dist=False, rank_zero_only=False)
-        self.log("val_acc", correct / count, prog_bar=True, rank_zero_only=False)
-        self.log("val_top5", top5 / count, rank_zero_only=False)
-        self.validation_seconds = time.perf_counter() - self._val_start
+        for name, value, bar in (("val_loss", loss / count, True), ("val_acc", correct / count, True),
+                                 ("val_top5", top5 / count, False)):
+            self.log(name, value, prog_bar=bar, on_step=False, on_epoch=True, batch_size=1)
+        self.validation_seconds = time.perf_counter() - start
 
     # ---- what a checkpoint carries besides Lightning's state --------------------------------
 
@@ -391,4 +372,5 @@ class ViTClassifier(L.LightningModule):
             "std": list(self.std),
             "train": self.cfg.to_dict(),
             "weights": "ema.module." if self.ema is not None else "model.",
+            "interpolation": DEFAULT_INTERPOLATION,  # how the data loader resized the images (weights.checkpoint)
         }

@@ -74,9 +74,9 @@ def newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     A <- P A P, and x is read twice, for R and for the final Q x.
 
     On a (rows, cols) matrix the plain form multiplies 10 rows^2 cols + 5 rows^3; this one
-    2 rows^2 cols + 17 rows^3: 1.8x less for an MLP's 4:1 weights (1.9-2.4x as fast on a Zen 3 EPYC
-    in fp32), more for a stem's wider filters; the two cost the same at 1.5:1, and below it this
-    one costs more (so orthogonalize takes it from 2:1 on).
+    2 rows^2 cols + 17 rows^3: 1.8x less for an MLP's 4:1 weights, more for a stem's wider filters;
+    the two cost the same at 1.5:1, and below it this one costs more (so orthogonalize takes it from
+    2:1 on).
     """
     a, b, c = NS_COEFFICIENTS
     gram = x @ x.mT

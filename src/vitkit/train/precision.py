@@ -1,11 +1,10 @@
 """Which numeric precision a run trains in.
 
-On CUDA, bf16 autocast is the default. On the CPU it depends on the chip: an AMD Zen 4 EPYC, with
-AVX-512 bf16 dot products, multiplies bf16 matrices about 2.2x as fast as fp32, a Xeon with AMX
-3.3x (512-square; 5-6x at 2048), an AVX-512 Xeon with avx512_bf16 but no AMX at 0.55x, and AVX2 CPUs
-emulate bf16 about 100x slower. The flags do not tell these apart, so `precision: auto` times one
-small product in both and takes bf16 autocast only where it is clearly faster. The default on the
-CPU stays fp32: the same numbers on every CPU.
+On CUDA, bf16 autocast is the default. On the CPU it depends on the chip: some multiply bf16
+matrices several times as fast as fp32, some at about half its speed, and CPUs without bf16 dot
+products emulate it about 100x slower. The CPU flags do not tell these apart, so `precision: auto`
+times one small product in both and takes bf16 autocast only where it is clearly faster. The
+default on the CPU stays fp32: the same numbers on every CPU.
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ AUTO_CHOICE_ENV = "VITKIT_AUTO_PRECISION"
 def bf16_speedup(size: int = 512, repeats: int = 10) -> float:
     """How many times faster a size-square bf16 matrix product runs than an fp32 one on this CPU
     (best of repeats each; about 30 ms where bf16 is fast, cut short where it is slow). 512 rather
-    than 256: on a Zen 4 EPYC the 256-square product measured 1.82-1.87x, once 1.57x at the start of
-    a run (close to BF16_WORTH) and once 0.04x (one stalled product cut the timing short), while the
-    512-square one measured 2.09-2.15x in all 15 tries, near the 2.2x of the model's products."""
+    than 256: the smaller product's ratio swings from run to run (one stalled product can cut the
+    timing short), the larger one's stays near the model's own products' ratio."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp32 = _best_time(a, b, repeats, limit=float("inf"))
     bf16 = _best_time(a.bfloat16(), b.bfloat16(), repeats, limit=20 * fp32)

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, load_splits
 from vitkit.fileio import atomic_write_text, remove_stale_temporaries
 from vitkit.model import VisionTransformer, get_config
-from vitkit.train.callbacks import AtomicCheckpointIO, GracefulStop, MetricsTable, TimeBudget, ValidationSchedule
+from vitkit.model.fast import optimize
+from vitkit.train.callbacks import (
+    AtomicCheckpointIO,
+    GracefulStop,
+    MetricsTable,
+    PlanState,
+    TimeBudget,
+    ValidatedCheckpoint,
+)
 from vitkit.train.config import MODEL_SETTINGS, TrainConfig
 from vitkit.train.distill import CACHE_FILE_NAME, load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
 from vitkit.train.precision import resolve_precision
-from vitkit.weights import load_weights, read_checkpoint, save_vitkit
+from vitkit.weights import load_weights, read_training_checkpoint, save_vitkit
 
 log = logging.getLogger("vitkit")
 
@@ -49,7 +58,8 @@ class RunResult:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Hands each process its share of the in-memory (or streamed) splits."""
+    """Hands each process its share of the in-memory (or streamed) training split; the module
+    validates on its own (ViTClassifier.validate), where the run plan says."""
 
     def __init__(self, splits: Any, cfg: TrainConfig) -> None:
         super().__init__()
@@ -60,14 +70,7 @@ class ImageDataModule(L.LightningDataModule):
         t = self.trainer
         return TrainBatches(self.splits.train, self.cfg.batch_size, self.cfg.seed, rank=t.global_rank,
                             world_size=t.world_size, num_workers=self.cfg.num_workers,
-                            current_epoch=lambda: t.current_epoch)
-
-    def val_dataloader(self) -> EvalBatches | list:
-        if len(self.splits.val) == 0:
-            return []
-        t = self.trainer
-        return EvalBatches(self.splits.val, self.cfg.batch_size * 2, rank=t.global_rank,
-                           world_size=t.world_size, num_workers=self.cfg.num_workers)
+                            current_epoch=lambda: t.current_epoch, position=lambda: t.lightning_module.plan.position)
 
 
 def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
@@ -150,20 +153,17 @@ def resume_checkpoint(path: str | os.PathLike) -> Path:
 
 def saved_train_config(checkpoint: Path) -> dict[str, Any]:
     """The resolved settings stored in a vitkit checkpoint (read safely: no code can run)."""
-    state = read_checkpoint(checkpoint)
-    meta = state.get("vitkit") if isinstance(state, dict) else None
-    if not meta or "train" not in meta:
-        raise ValueError(f"{checkpoint} is not a vitkit training checkpoint (no 'vitkit' section)")
-    return dict(meta["train"])
+    return read_training_checkpoint(checkpoint).require("train").train
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_time: float | None = None,
-          callbacks: list[L.Callback] | None = None) -> RunResult:
+          callbacks: list[L.Callback] | None = None, clock: Callable[[], float] = time.monotonic) -> RunResult:
     """Run training as configured; ``resume`` continues from a run directory or checkpoint.
 
-    ``callbacks`` are extra Lightning callbacks (yours), run after vitkit's own.
+    ``callbacks`` are extra Lightning callbacks (yours), run after vitkit's own. ``clock`` is what a
+    time budget is measured on (start_time, if given, on the same clock).
     """
-    start = start_time if start_time is not None else time.monotonic()
+    start = start_time if start_time is not None else clock()
     ckpt_path = resume_checkpoint(resume) if resume is not None else None
     if ckpt_path is not None:
         saved_train_config(ckpt_path)  # refuses unsafe or foreign files before Lightning opens them
@@ -179,13 +179,14 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
                          val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
                          download=cfg.download)
     classes = list(splits.classes)
-    model = build_model(cfg, len(classes), splits.image_size)
+    # The fast CPU kernels (the same function as the reference), switched on before the EMA copies the model.
+    model = optimize(build_model(cfg, len(classes), splits.image_size))
     mean, std = NORMALIZATION[cfg.normalization]
     teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
     cached = teacher is not None and cfg.distill_cache
     module = ViTClassifier(model, cfg, classes, mean, std, train_size=len(splits.train), teacher=teacher,
                            teacher_images=splits.train if cached else None,
-                           teacher_cache_file=run_dir / CACHE_FILE_NAME if cached else None)
+                           teacher_cache_file=run_dir / CACHE_FILE_NAME if cached else None, val_images=splits.val)
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cfg.compile:  # after the module: its EMA copy stays eager, so validation compiles nothing
         compile_model(model, cuda)
@@ -196,28 +197,27 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     has_val = len(splits.val) > 0
-    # best.ckpt is taken at validation end (or epoch end without validation); Lightning's save_last
-    # only writes when the best one changed, so a second callback writes last.ckpt every epoch: at
-    # validation end, or at the epoch's end where val_every leaves epochs unvalidated.
-    last_at_epoch_end = not has_val or cfg.val_every > 1
-    best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_acc" if has_val else None, mode="max",
-                           enable_version_counter=False, save_on_train_epoch_end=not has_val)
+    # Both checkpoints are taken at an epoch's end (validation, where the plan has it, runs before):
+    # best.ckpt where the epoch was validated and its val_acc is the best so far (every epoch without
+    # a validation split); Lightning's save_last only writes when the best one changed, so a second
+    # callback writes last.ckpt every epoch.
+    best_kind = ValidatedCheckpoint if has_val else ModelCheckpoint
+    best = best_kind(dirpath=run_dir, filename="best", monitor="val_acc" if has_val else None, mode="max",
+                     enable_version_counter=False, save_on_train_epoch_end=True)
     last = ModelCheckpoint(dirpath=run_dir, filename="last", monitor=None, enable_version_counter=False,
-                           save_on_train_epoch_end=last_at_epoch_end)
+                           save_on_train_epoch_end=True)
     metrics = MetricsTable(run_dir)
     if ckpt_path is not None:
         metrics.load_existing()
     extra = list(callbacks or [])
-    callbacks = [best, last, metrics, GracefulStop(run_dir / "last.ckpt", not last_at_epoch_end)]
+    callbacks = [PlanState(), best, last, metrics, GracefulStop(run_dir / "last.ckpt")]
     if cfg.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if cfg.time_budget:
-        callbacks.append(TimeBudget(start + cfg.time_budget))
+        callbacks.append(TimeBudget(start + cfg.time_budget, clock=clock))
     if cfg.swa:
         callbacks.append(StochasticWeightAveraging(swa_lrs=cfg.lr * 0.1, swa_epoch_start=0.75))
     callbacks += extra
-    if has_val:
-        callbacks.append(ValidationSchedule(cfg.val_every))  # last: it must see a stop any other callback asks for
     logger: Any = False
     if cfg.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -234,7 +234,6 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         precision=precision,
         max_epochs=cfg.epochs if not cfg.time_budget else 10_000,
         max_steps=cfg.max_steps or -1,
-        check_val_every_n_epoch=cfg.val_every,
         gradient_clip_val=cfg.grad_clip,
         accumulate_grad_batches=cfg.accumulate,
         deterministic=cfg.deterministic,
@@ -259,22 +258,21 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
         finish_run(run_dir, best_path, module, splits, classes, mean, std)
     score = best.best_model_score
     return RunResult(run_dir, best_path, float(score) if score is not None else None, trainer.current_epoch,
-                     trainer.global_step, time.monotonic() - start)
+                     trainer.global_step, clock() - start)
 
 
 @torch.no_grad()
 def finish_run(run_dir: Path, best_path: Path, module: ViTClassifier, splits: Any, classes: list[str],
                mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """Export the best checkpoint's evaluated weights and its validation predictions."""
-    state = read_checkpoint(best_path)
-    prefix = state["vitkit"]["weights"]
-    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    best = read_training_checkpoint(best_path)
+    weights = best.weights()
     model = VisionTransformer(module.model.config).eval()
     model.load_state_dict(weights)
     # The training config travels along: `vitkit eval` on the run directory needs its validation
     # split (val_fraction, split_seed) to score the images the run held out and no others.
     save_vitkit(run_dir / "model.safetensors", model, classes=classes, mean=mean, std=std,
-                extra={"train": module.cfg.to_dict()})
+                interpolation=best.interpolation, extra={"train": module.cfg.to_dict()})
     if len(splits.val) == 0:
         return
     module.to("cpu").eval()  # fit leaves the module in training mode: dropout and patch dropout on
