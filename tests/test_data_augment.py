@@ -69,13 +69,13 @@ def test_randomness_is_per_sample():
 def test_padded_crop_is_a_window_of_the_padded_image():
     x = images(12, 8)
     for mode in ("constant", "reflect"):
-        out = aug.random_crop_flip(x, 3, True, rnd(), mode)
+        out = aug.crop_flip(x, *aug.draw_crop_flip(len(x), 3, True, rnd()), mode, reach=3)
         padded = F.pad(x.float(), (3, 3, 3, 3), mode=mode).to(torch.uint8)
         for i in range(len(x)):
             windows = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(7) for dx in range(7)]
             windows += [w.flip(-1) for w in windows]
             assert any(torch.equal(out[i], w) for w in windows), (mode, i)
-    flips = aug.random_crop_flip(images(64, 8), 0, True, rnd(), "constant")
+    flips = aug.crop_flip(images(64, 8), *aug.draw_crop_flip(64, 0, True, rnd()), "constant", reach=0)
     original = images(64, 8)
     same = sum(torch.equal(a, b) for a, b in zip(flips, original, strict=True))
     mirrored = sum(torch.equal(a, b.flip(-1)) for a, b in zip(flips, original, strict=True))

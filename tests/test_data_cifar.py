@@ -116,6 +116,12 @@ def test_download_verify_extract_load(fake_cifar10):
     assert again.image_size == 16 and again.train.images.shape[-1] == 16
     direct = load_splits(root / "cifar-10-batches-py", val_fraction=0)
     assert len(direct.train) == 50 and len(direct.val) == 0
+    # resized as image folders are: the one resize, image by image
+    from vitkit.data import resize_center_crop
+
+    small = load_splits(root / "cifar-10-batches-py", val_fraction=0, image_size=16).train.images
+    for image, resized in zip(direct.train.images[:5], small[:5], strict=True):
+        assert np.array_equal(resize_center_crop(image.permute(1, 2, 0).numpy(), 16), resized.permute(1, 2, 0).numpy())
 
 
 def test_tampered_download_is_deleted_unextracted(fake_cifar10):

@@ -273,3 +273,23 @@ def test_relative_source_gives_absolute_paths(tmp_path, cache, monkeypatch):
     with pytest.raises(BadImagesError) as info:
         load_splits("data", cache_dir=cache)
     assert sorted(p for p, _ in info.value.bad) == sorted(bad)
+
+
+def test_interpolation_reaches_every_resize_and_the_cache_key(tmp_path, cache):
+    """load_splits(interpolation=...) (what `vitkit eval` passes from the checkpoint): held, cached and
+    streamed sets all resize with it, and a cached decode with another filter is not reused."""
+    from vitkit.data import resize_center_crop
+
+    root = make_folder(tmp_path / "data", {"a": 2, "b": 2}, size=(20, 13))
+    bicubic = load_splits(root, cache_dir=cache, image_size=8, val_fraction=0).train
+    bilinear = load_splits(root, cache_dir=cache, image_size=8, val_fraction=0, interpolation="bilinear").train
+    streamed = load_splits(root, cache_dir=cache, image_size=8, val_fraction=0, interpolation="bilinear",
+                           in_memory=False).train
+    assert not torch.equal(bicubic.images, bilinear.images)
+    assert torch.equal(streamed.batch(torch.arange(4)), bilinear.images)
+    for image, path in zip(bilinear.images, bilinear.paths, strict=True):
+        native = load_image(path).permute(1, 2, 0).numpy()
+        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(resize_center_crop(native, 8, "bilinear")))
+    assert len(list(cache.glob("*.pt"))) == 2
+    with pytest.raises(ValueError, match="'cubic' is not a Pillow filter"):
+        load_splits(root, cache_dir=cache, image_size=8, interpolation="cubic")

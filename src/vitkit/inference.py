@@ -14,16 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitkit.data import VIT_MEAN, VIT_STD, ImageSet, load_image, preprocess
+from vitkit.data import DEFAULT_INTERPOLATION, VIT_MEAN, VIT_STD, ImageLike, ImageSet, Preprocessing
 from vitkit.model import VisionTransformer, ViTConfig
-from vitkit.weights import load_model, load_vitkit, read_checkpoint
+from vitkit.model.fast import optimize
+from vitkit.model.tta import view_averaged_logits
+from vitkit.weights import load_model, load_vitkit, read_training_checkpoint
 from vitkit.weights.io import check_safetensors_header
 
-ImageLike = str | os.PathLike | np.ndarray | torch.Tensor | Any  # Any: a PIL image
+__all__ = ["Classifier", "ImageLike", "Prediction", "evaluate", "load"]
 
 
 @dataclass
@@ -35,19 +36,36 @@ class Prediction:
 
 
 class Classifier:
-    """A model with its class names and preprocessing (resize, normalise) attached."""
+    """A model (switched to vitkit.model.fast's kernels) with its class names and preprocessing attached.
+
+    ``preprocessing`` (:class:`vitkit.data.Preprocessing`) is the training data's: decode, shorter side
+    resized with ``interpolation`` (the checkpoint's record; bicubic, the data loader's, when it has
+    none), centre crop, normalisation with ``mean`` and ``std``.
+    """
 
     def __init__(self, model: VisionTransformer, classes: Sequence[str] | None = None,
                  mean: Sequence[float] = VIT_MEAN, std: Sequence[float] = VIT_STD, *,
-                 train_config: dict[str, Any] | None = None, source: str = "") -> None:
-        self.model = model.eval()
+                 interpolation: str = DEFAULT_INTERPOLATION, train_config: dict[str, Any] | None = None,
+                 source: str = "") -> None:
+        self.model = optimize(model).eval()  # in place: the fast kernels, the same function
         n = model.config.num_classes
         self.classes = list(classes) if classes else [f"class_{i}" for i in range(n)]
         if len(self.classes) != n:
             raise ValueError(f"{source or 'model'}: {len(self.classes)} class names for a {n}-class head")
-        self.mean, self.std = tuple(mean), tuple(std)
+        try:
+            self.preprocessing = Preprocessing(model.config.img_size, tuple(mean), tuple(std), interpolation)
+        except ValueError as e:
+            raise ValueError(f"{source or 'model'}: {e}") from e
         self.train_config = train_config or {}
         self.source = source
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
 
     @property
     def config(self) -> ViTConfig:
@@ -62,44 +80,32 @@ class Classifier:
         return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> normalised float at the model's resolution."""
-        return preprocess(images.to(self.device), self.config.img_size, self.mean, self.std)
+        """uint8 (B, 3, H, W), as the data loader stores them -> normalised float at the model's resolution."""
+        return self.preprocessing.normalize(images.to(self.device))
 
     def to_tensor(self, image: ImageLike) -> torch.Tensor:
-        """One image (path, PIL, HxWx3 array or 3xHxW uint8 tensor) -> square uint8 (3, S, S)."""
-        if isinstance(image, str | os.PathLike):
-            tensor = load_image(image)
-        elif isinstance(image, torch.Tensor):
-            tensor = image
-        elif isinstance(image, np.ndarray):
-            tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        else:  # PIL
-            tensor = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-        if tensor.ndim != 3 or tensor.shape[0] != 3 or tensor.dtype != torch.uint8:
-            raise ValueError(f"expected an RGB uint8 image (3, H, W), got {tuple(tensor.shape)} {tensor.dtype}")
-        return center_square(tensor, self.config.img_size)
+        """One image (path, PIL, HxWx3 array or 3xHxW uint8 tensor) -> uint8 (3, S, S) as the data loader
+        stores it: S is the model's size, or a smaller square image's own (enlarged by :meth:`preprocess`)."""
+        return self.preprocessing.to_tensor(image)
+
+    def inputs(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """The model's input batch for images of any kinds and sizes (:meth:`to_tensor`, :meth:`preprocess`)."""
+        return self.preprocessing.inputs(images, self.device)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
         """Logits of a uint8 batch, or with test-time augmentation the log of its views' mean
-        probabilities (which cross-entropy and argmax read as logits).
+        probabilities (:func:`vitkit.model.tta.view_averaged_logits`).
 
         tta_flip adds each view's mirror image. tta_shift moves the image by that many pixels (at
         the model's resolution) along each axis, every combination of -shift, 0 and +shift: nine
-        views. The uncovered border is black, as training's padded crops leave it. The fill
-        matters: on CIFAR-10, 2-pixel shifts and flips lifted a pure ViT from 79.1% to 81.0%, and
-        the same views with the border at the mean colour gave 79.4%.
+        views. The uncovered border is black, as training's padded crops leave it.
         """
-        x = self.preprocess(images)
-        if not (tta_flip or tta_shift):
-            return self.model(x)
-        steps = (-tta_shift, 0, tta_shift) if tta_shift else (0,)
+        return self._logits(self.preprocess(images), tta_flip, tta_shift)
+
+    def _logits(self, x: torch.Tensor, tta_flip: bool, tta_shift: int) -> torch.Tensor:
         black = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device)
-        views = (shift_image(x, dy, dx, black) for dy in steps for dx in steps)
-        if tta_flip:
-            views = (v for view in views for v in (view, view.flip(-1)))
-        probs = [self.model(view).softmax(-1) for view in views]  # one view's images in memory at a time
-        return (sum(probs) / len(probs)).log()
+        return view_averaged_logits(self.model, x, flip=tta_flip, shift=tta_shift, fill=black)
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, batch_size: int = 64,
@@ -111,42 +117,13 @@ class Classifier:
         k = max(1, min(top_k, len(self.classes)))
         results = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([self.to_tensor(im) for im in images[start : start + batch_size]])
-            probs = self.logits(batch, tta_flip, tta_shift).softmax(-1).cpu()
+            x = self.inputs(images[start : start + batch_size])
+            probs = self._logits(x, tta_flip, tta_shift).softmax(-1).cpu()
             values, indices = probs.topk(k, dim=-1)
             for v, i in zip(values.tolist(), indices.tolist()):
                 top = [(self.classes[j], p) for j, p in zip(i, v)]
                 results.append(Prediction(top[0][0], i[0], v[0], top))
         return results
-
-
-def shift_image(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) moved dy pixels down and dx right; the uncovered border takes fill, one value
-    per channel."""
-    height, width = x.shape[-2:]
-    if dy == dx == 0:
-        return x
-    if max(abs(dy), abs(dx)) >= min(height, width):
-        raise ValueError(f"a shift of ({dy}, {dx}) pixels leaves nothing of a {height}x{width} image; "
-                         "use a smaller --tta-shift")
-    out = fill.to(x.dtype).view(1, -1, 1, 1).expand_as(x).clone()
-    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
-        x[..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
-    return out
-
-
-def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` and crop the centre square: (3, size, size), whatever the
-    input's size, so that images of different sizes stack into one batch."""
-    _, h, w = image.shape
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        h, w = max(size, round(h * scale)), max(size, round(w * scale))
-        image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True,
-                              align_corners=False)[0].round().clamp(0, 255).byte()
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return image[:, top : top + side, left : left + side]
 
 
 def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str = "cpu") -> Classifier:
@@ -169,10 +146,11 @@ def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str
         if meta is not None:
             model, meta = load_vitkit(path)
             return Classifier(model, meta.get("classes"), meta.get("mean") or VIT_MEAN, meta.get("std") or VIT_STD,
+                              interpolation=meta.get("interpolation") or DEFAULT_INTERPOLATION,
                               train_config=(meta.get("extra") or {}).get("train"), source=str(path)).to(device)
     model, meta = load_model(path, strict_head=True, trust_checkpoint=trust_checkpoint)
     return Classifier(model, meta["classes"], meta["mean"] or VIT_MEAN, meta["std"] or VIT_STD,
-                      source=str(path)).to(device)
+                      interpolation=meta["interpolation"] or DEFAULT_INTERPOLATION, source=str(path)).to(device)
 
 
 def _vitkit_metadata(path: Path) -> dict | None:
@@ -182,15 +160,11 @@ def _vitkit_metadata(path: Path) -> dict | None:
 
 
 def _from_training_checkpoint(path: Path, trust_checkpoint: bool) -> Classifier:
-    state = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    meta = state.get("vitkit") if isinstance(state, dict) else None
-    if not meta:
-        raise ValueError(f"{path} is not a vitkit training checkpoint; convert it or pass the weights file")
-    model = VisionTransformer(ViTConfig.from_dict(meta["config"]))
-    prefix = meta["weights"]
-    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
-    return Classifier(model, meta["classes"], meta["mean"], meta["std"], train_config=meta.get("train"),
+    checkpoint = read_training_checkpoint(path, trust_checkpoint=trust_checkpoint).require("mean", "std")
+    model = VisionTransformer(checkpoint.config)
+    model.load_state_dict(checkpoint.weights())
+    return Classifier(model, checkpoint.classes, checkpoint.mean, checkpoint.std,
+                      interpolation=checkpoint.interpolation or DEFAULT_INTERPOLATION, train_config=checkpoint.train,
                       source=str(path))
 
 

@@ -22,8 +22,17 @@ from vitkit.data.augment import (
 from vitkit.data.bench import CIFAR_BENCH_CONFIG, bench_augment, bench_data
 from vitkit.data.cifar import CIFAR_SPECS
 from vitkit.data.dataset import DataSplits, ImageSet, iter_batches
-from vitkit.data.decode import IMAGE_EXTENSIONS, BadImagesError, decode_image, load_image
+from vitkit.data.decode import (
+    DEFAULT_INTERPOLATION,
+    IMAGE_EXTENSIONS,
+    INTERPOLATIONS,
+    BadImagesError,
+    decode_image,
+    load_image,
+    resize_center_crop,
+)
 from vitkit.data.inspection import format_inspection, inspect_folder
+from vitkit.data.preprocessing import ImageLike, Preprocessing
 from vitkit.data.sources import load_splits, resolve_data_root
 from vitkit.data.split import holdout_split
 
@@ -34,16 +43,20 @@ __all__ = [
     "CIFAR100_STD",
     "CIFAR_BENCH_CONFIG",
     "CIFAR_SPECS",
+    "DEFAULT_INTERPOLATION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "INTERPOLATIONS",
     "VIT_MEAN",
     "VIT_STD",
     "AugmentConfig",
     "BadImagesError",
     "BatchAugment",
     "DataSplits",
+    "ImageLike",
     "ImageSet",
+    "Preprocessing",
     "ViewTargets",
     "bench_augment",
     "bench_data",
@@ -56,5 +69,6 @@ __all__ = [
     "load_image",
     "load_splits",
     "preprocess",
+    "resize_center_crop",
     "resolve_data_root",
 ]

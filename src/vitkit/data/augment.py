@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +35,39 @@ _BINS = 31  # magnitude bins of TrivialAugmentWide and RandAugment
 
 @dataclass
 class AugmentConfig:
-    """Which augmentations run; everything is off or neutral by default except the horizontal flip."""
+    """Which augmentations run; everything is off or neutral by default except the horizontal flip.
 
-    crop_padding: int = 0  # random crop at the stored size after padding each side by this many pixels
-    padding_mode: str = "constant"  # "constant" (zeros) or "reflect"
-    random_resized_crop: bool = False  # instead of the padded crop: Inception-style crop of random area/ratio
-    rrc_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range (0.35, 1) suits small images
-    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    auto_augment: str | None = None  # None, "trivial" (TrivialAugmentWide) or "randaugment"
-    randaugment_n: int = 2  # ops per image
-    randaugment_m: int = 9  # magnitude bin, 0..30
-    random_erasing: float = 0.0  # probability per image
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0  # probability that a batch is mixed at all; with both alphas > 0, one is picked per batch
+    The fields are the keys of a training recipe's ``augment`` and, with their metadata, flags of
+    `vitkit train` (train.config: ``kind`` names a value kind, ``flag`` overrides the flag's name).
+    """
+
+    crop_padding: int = field(default=0, metadata={
+        "help": "random crop at the stored size after padding each side by this many pixels (4 suits 32x32)",
+        "kind": "non_negative_int", "metavar": "PIXELS"})
+    padding_mode: str = field(default="constant", metadata={
+        "help": "the padded crop's border: zeros or the mirrored image", "choices": ("constant", "reflect")})
+    random_resized_crop: bool = field(default=False, metadata={
+        "help": "instead of the padded crop: Inception-style crop of random area and aspect ratio"})
+    rrc_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={
+        "help": "random_resized_crop's area fraction range; (0.35, 1) suits small images", "kind": "portion",
+        "metavar": ("LOW", "HIGH")})
+    rrc_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata={
+        "help": "random_resized_crop's aspect ratio range", "kind": "positive_float", "metavar": ("LOW", "HIGH")})
+    hflip: bool = field(default=True, metadata={"help": "a random horizontal flip per image"})
+    auto_augment: str | None = field(default=None, metadata={
+        "help": "TrivialAugmentWide (trivial) or RandAugment per image", "choices": AUTO_AUGMENTS})
+    randaugment_n: int = field(default=2, metadata={"help": "RandAugment's ops per image", "kind": "positive_int"})
+    randaugment_m: int = field(default=9, metadata={
+        "help": f"RandAugment's magnitude bin, 0..{_BINS - 1}", "kind": "non_negative_int"})
+    random_erasing: float = field(default=0.0, metadata={
+        "help": "probability per image of erasing a random box", "kind": "probability"})
+    mixup_alpha: float = field(default=0.0, metadata={
+        "help": "mixup alpha (0 turns it off; 0.8 is usual)", "kind": "non_negative_float", "flag": "mixup"})
+    cutmix_alpha: float = field(default=0.0, metadata={
+        "help": "cutmix alpha (0 turns it off; 1.0 is usual)", "kind": "non_negative_float", "flag": "cutmix"})
+    mix_prob: float = field(default=1.0, metadata={
+        "help": "probability that a batch is mixed at all; with both alphas > 0, one is picked per batch",
+        "kind": "probability"})
 
     def __post_init__(self) -> None:
         if self.crop_padding < 0:
@@ -116,13 +134,6 @@ class _Random:
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     index = torch.where(index < 0, -index, index)
     return torch.where(index >= size, 2 * (size - 1) - index, index)
-
-
-def random_crop_flip(
-    images: torch.Tensor, padding: int, hflip: bool, rnd: _Random, padding_mode: str = "constant"
-) -> torch.Tensor:
-    """Per-sample random crop (after virtual padding) and horizontal flip, as one gather."""
-    return crop_flip(images, *draw_crop_flip(images.shape[0], padding, hflip, rnd), padding_mode, reach=padding)
 
 
 def draw_crop_flip(batch: int, padding: int, hflip: bool, rnd: _Random) -> tuple[torch.Tensor, ...]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vitkit.data.decode import ALPHA_BACKGROUND, DECODE_VERSION, MAX_IMAGE_PIXELS
+from vitkit.data.decode import ALPHA_BACKGROUND, DECODE_VERSION, DEFAULT_INTERPOLATION, MAX_IMAGE_PIXELS
 from vitkit.fileio import atomic_path
 
 logger = logging.getLogger("vitkit.data")
@@ -26,10 +26,14 @@ logger = logging.getLogger("vitkit.data")
 CACHE_FORMAT = 1
 
 
-def cache_key(entries: Iterable[tuple[str, int, int, int]], image_size: int | None) -> str:
+def cache_key(entries: Iterable[tuple[str, int, int, int]], image_size: int | None,
+              interpolation: str = DEFAULT_INTERPOLATION) -> str:
     """Hash of (relative path, label, byte size, mtime in ns) for every file, the size asked for and the rules."""
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_FORMAT}.{DECODE_VERSION}|{ALPHA_BACKGROUND}|{MAX_IMAGE_PIXELS}|{image_size}\n".encode())
+    rules = f"v{CACHE_FORMAT}.{DECODE_VERSION}|{ALPHA_BACKGROUND}|{MAX_IMAGE_PIXELS}|{image_size}"
+    if interpolation != DEFAULT_INTERPOLATION:  # the default adds nothing, so caches made before stay valid
+        rules += f"|{interpolation}"
+    digest.update(f"{rules}\n".encode())
     for relpath, label, size, mtime_ns in entries:
         digest.update(f"{relpath}\0{label}\0{size}\0{mtime_ns}\n".encode())
     return digest.hexdigest()[:24]

@@ -6,7 +6,6 @@ or streamed: only paths are kept and each batch is decoded on demand, in DataLoa
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,14 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitkit.data.decode import BadImagesError, _decode, _reason
+from vitkit.data.decode import DEFAULT_INTERPOLATION, BadImagesError, _decode, _reason
 
 
 class ImageSet:
     """One split: int64 ``labels`` (N,), ``classes``, and either ``images`` (uint8 (N, 3, H, W)) or ``paths``.
 
     ``images`` is None for a streamed set; ``paths`` is None when the source has no files (CIFAR).
-    ``skipped`` lists the ``(path, reason)`` of unreadable files that were left out.
+    ``skipped`` lists the ``(path, reason)`` of unreadable files that were left out. ``interpolation``:
+    the Pillow filter a streamed set resizes its files with.
     """
 
     def __init__(
@@ -35,6 +35,7 @@ class ImageSet:
         image_size: int | None = None,
         skip_bad_images: bool = False,
         skipped: list[tuple[str, str]] | None = None,
+        interpolation: str = DEFAULT_INTERPOLATION,
     ) -> None:
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.classes = list(classes)
@@ -42,6 +43,7 @@ class ImageSet:
         self.paths = paths
         self.skip_bad_images = skip_bad_images
         self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self.interpolation = interpolation
         if images is not None:
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -81,6 +83,7 @@ class ImageSet:
             image_size=self.image_size,
             skip_bad_images=self.skip_bad_images,
             skipped=self.skipped,
+            interpolation=self.interpolation,
         )
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -92,7 +95,7 @@ class ImageSet:
         indices = torch.as_tensor(indices, dtype=torch.long)
         if self.images is not None:
             return self.images[indices]
-        items = [_decode_item(self.paths[i], self.image_size) for i in indices.tolist()]
+        items = [_decode_item(self.paths[i], self.image_size, self.interpolation) for i in indices.tolist()]
         bad = [(path, reason) for _, path, reason in items if reason is not None]
         if bad:
             raise BadImagesError(bad, hint="Remove or repair these files (`vitkit data inspect` finds them all).")
@@ -125,10 +128,10 @@ class DataSplits:
         return text
 
 
-def _decode_item(path: str, size: int) -> tuple[torch.Tensor | None, str, str | None]:
+def _decode_item(path: str, size: int, interpolation: str) -> tuple[torch.Tensor | None, str, str | None]:
     """(uint8 (3, size, size) tensor, path, None) or (None, path, reason)."""
     try:
-        array, _ = _decode(path, size, keep_small_squares=False)
+        array, _ = _decode(path, size, keep_small_squares=False, interpolation=interpolation)
     except Exception as error:
         return None, path, _reason(error)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), path, None
@@ -137,14 +140,14 @@ def _decode_item(path: str, size: int) -> tuple[torch.Tensor | None, str, str | 
 class _StreamedFiles(Dataset):
     """Picklable view of a streamed set for DataLoader workers: index -> decoded item."""
 
-    def __init__(self, paths: list[str], labels: torch.Tensor, size: int) -> None:
-        self.paths, self.labels, self.size = paths, labels, size
+    def __init__(self, paths: list[str], labels: torch.Tensor, size: int, interpolation: str) -> None:
+        self.paths, self.labels, self.size, self.interpolation = paths, labels, size, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image, path, reason = _decode_item(self.paths[index], self.size)
+        image, path, reason = _decode_item(self.paths[index], self.size, self.interpolation)
         return image, int(self.labels[index]), path, reason
 
 
@@ -179,7 +182,7 @@ def iter_batches(
             indices = torch.as_tensor(indices, dtype=torch.long)
             yield images.images[indices], images.labels[indices]
         return
-    dataset = _StreamedFiles(images.paths, images.labels, images.image_size)
+    dataset = _StreamedFiles(images.paths, images.labels, images.image_size, images.interpolation)
     index_lists = ([int(i) for i in torch.as_tensor(b).flatten()] for b in batches)
     loader = DataLoader(
         dataset,
@@ -201,10 +204,3 @@ def iter_batches(
             )
         yield batch_images, labels
 
-
-def default_workers() -> int:
-    """A sensible DataLoader worker count for streamed sets: the usable cores, at most 8."""
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 8))
-    except AttributeError:
-        return max(1, min(os.cpu_count() or 1, 8))

@@ -31,6 +31,11 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # between 1x and 2x of it); the tests lower it to check the refusal without building a huge file.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+# Pillow's filters by name, for the one resize (:func:`resize_center_crop`). Training data is resized with
+# bicubic; a checkpoint that records no interpolation was trained on that.
+INTERPOLATIONS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+DEFAULT_INTERPOLATION = "bicubic"
+
 # Bump when the decoding rules change, so that cached tensors made under the old rules are not reused.
 DECODE_VERSION = 1
 
@@ -132,8 +137,12 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX ...
 
 
-def _resize_array(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic, antialiased when shrinking) and center-crop a square."""
+def resize_center_crop(rgb: np.ndarray, size: int, interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
+    """Resize the shorter side to ``size`` (antialiased when shrinking) and center-crop a square.
+
+    The one resize of vitkit: training data, evaluation and prediction all go through it.
+    ``interpolation`` is a Pillow filter name (:data:`INTERPOLATIONS`).
+    """
     height, width = rgb.shape[:2]
     if (height, width) == (size, size):
         return rgb
@@ -141,17 +150,51 @@ def _resize_array(rgb: np.ndarray, size: int) -> np.ndarray:
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     image = Image.fromarray(rgb)
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        image = image.resize((new_w, new_h), _resampling(interpolation))
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.array(image.crop((left, top, left + size, top + size)))
 
 
-def _decode(path: str, size: int | None, keep_small_squares: bool) -> tuple[np.ndarray, tuple[str, str, int, int]]:
+def fit_to_size(rgb: np.ndarray, size: int, keep_small_squares: bool,
+                interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
+    """:func:`resize_center_crop`, except that with ``keep_small_squares`` a square image no larger than
+    ``size`` stays native: a 32x32 set then stays 32x32 and is resized on the model's device, not stored at
+    224x224."""
+    height, width = rgb.shape[:2]
+    if keep_small_squares and height == width and height <= size:
+        return rgb
+    return resize_center_crop(rgb, size, interpolation)
+
+
+def check_interpolation(interpolation: str) -> str:
+    """``interpolation`` itself if it names a Pillow filter, else a ValueError listing the names."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is not a Pillow filter; use one of "
+                         f"{', '.join(INTERPOLATIONS)} ({DEFAULT_INTERPOLATION!r} is what vitkit trains with)")
+    return interpolation
+
+
+def _resampling(interpolation: str) -> Image.Resampling:
+    return Image.Resampling[check_interpolation(interpolation).upper()]
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A Pillow image as its (H, W, 3) uint8 RGB array, turned upright by its EXIF orientation."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # damaged EXIF metadata: the pixels may still be fine, so keep them unrotated
+        orientation = 1
+    rgb = to_rgb_array(image)
+    if orientation in _TRANSPOSE_FOR_ORIENTATION:
+        rgb = np.array(Image.fromarray(rgb).transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]))
+    return rgb
+
+
+def _decode(path: str, size: int | None, keep_small_squares: bool,
+            interpolation: str = DEFAULT_INTERPOLATION) -> tuple[np.ndarray, tuple[str, str, int, int]]:
     """Decode one file to (H, W, 3) uint8 plus (format, mode, width, height) of the file as stored.
 
-    ``size=None`` keeps the native size. Otherwise the result is ``size`` x ``size`` (shorter side resized,
-    center crop), except that with ``keep_small_squares`` a square image no larger than ``size`` stays native:
-    a 32x32 set then stays 32x32 and is resized on the training device, not stored at 224x224.
+    ``size=None`` keeps the native size. Otherwise the result is :func:`fit_to_size`'s.
     """
     if os.path.getsize(path) == 0:
         raise _Unreadable("empty file (0 bytes)")
@@ -166,33 +209,28 @@ def _decode(path: str, size: int | None, keep_small_squares: bool) -> tuple[np.n
                     f"{MAX_IMAGE_PIXELS} (vitkit.data.decode.MAX_IMAGE_PIXELS)"
                 )
             info = (image.format or "?", image.mode, width, height)
-            try:
-                orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-            except Exception:  # damaged EXIF metadata: the pixels may still be fine, so keep them unrotated
-                orientation = 1
             if size is not None and image.format == "JPEG" and min(width, height) > 2 * size:
                 # Let libjpeg skip detail that the resize would throw away (DCT scaling, 2x-8x faster).
                 scale = size / min(width, height)
                 image.draft(None, (int(width * scale) + 1, int(height * scale) + 1))
             image.load()
-            rgb = to_rgb_array(image)
-    if orientation in _TRANSPOSE_FOR_ORIENTATION:
-        rgb = np.array(Image.fromarray(rgb).transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]))
+            rgb = pil_to_rgb(image)
     if size is not None:
-        height, width = rgb.shape[:2]
-        if not (keep_small_squares and height == width and height <= size):
-            rgb = _resize_array(rgb, size)
+        rgb = fit_to_size(rgb, size, keep_small_squares, interpolation)
     return np.ascontiguousarray(rgb), info
 
 
-def decode_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
-    """Decode ``path`` to an (H, W, 3) uint8 RGB array, ``size`` x ``size`` when ``size`` is given.
+def decode_image(path: str | os.PathLike, size: int | None = None, *, keep_small_squares: bool = False,
+                 interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array, ``size`` x ``size`` when ``size`` is given (see
+    :func:`fit_to_size` for ``keep_small_squares`` and ``interpolation``).
 
     Raises :class:`BadImagesError` naming the file and the reason when it cannot be used.
     """
     path = os.fspath(path)
+    check_interpolation(interpolation)  # a wrong name is the caller's error, not the file's
     try:
-        return _decode(path, size, keep_small_squares=False)[0]
+        return _decode(path, size, keep_small_squares, interpolation)[0]
     except FileNotFoundError:
         raise
     except Exception as error:
@@ -211,12 +249,12 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(decode_image(path)).permute(2, 0, 1).contiguous()
 
 
-def _decode_chunk(paths: list[str], size: int | None, keep_small_squares: bool) -> list[tuple]:
+def _decode_chunk(paths: list[str], size: int | None, keep_small_squares: bool, interpolation: str) -> list[tuple]:
     """Worker entry point: decode a chunk; each result is (array, info, None) or (None, None, reason)."""
     results = []
     for path in paths:
         try:
-            array, info = _decode(path, size, keep_small_squares)
+            array, info = _decode(path, size, keep_small_squares, interpolation)
             results.append((array, info, None))
         except Exception as error:
             results.append((None, None, _reason(error)))
@@ -232,7 +270,8 @@ def _pool_workers() -> int:
 
 
 def decode_files(
-    paths: Sequence[str], size: int | None = None, *, keep_small_squares: bool = False, workers: int | None = None
+    paths: Sequence[str], size: int | None = None, *, keep_small_squares: bool = False, workers: int | None = None,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> list[tuple]:
     """Decode many files, in a process pool when there are enough of them; results in input order.
 
@@ -240,16 +279,17 @@ def decode_files(
     CPU-bound Python+C work, so processes (not threads) are what scales it.
     """
     paths = [os.fspath(p) for p in paths]
+    check_interpolation(interpolation)
     workers = _pool_workers() if workers is None else workers
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
-        return _decode_chunk(paths, size, keep_small_squares)
+        return _decode_chunk(paths, size, keep_small_squares, interpolation)
     chunk = max(64, min(1024, len(paths) // (workers * 8) + 1))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     # fork starts in milliseconds; the children only run Pillow and NumPy, so the parent's threads are harmless.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     results: list[tuple] = []
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        futures = [pool.submit(_decode_chunk, c, size, keep_small_squares) for c in chunks]
+        futures = [pool.submit(_decode_chunk, c, size, keep_small_squares, interpolation) for c in chunks]
         for done, future in enumerate(futures, 1):
             results.extend(future.result())
             if done % 20 == 0:

@@ -14,13 +14,18 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vitkit.data import cifar
 from vitkit.data.cache import cache_key, cache_path, load_cache, save_cache
 from vitkit.data.dataset import DataSplits, ImageSet
-from vitkit.data.decode import BadImagesError, _resize_array, decode_files
+from vitkit.data.decode import (
+    DEFAULT_INTERPOLATION,
+    BadImagesError,
+    check_interpolation,
+    decode_files,
+    resize_center_crop,
+)
 from vitkit.data.folder import FileEntry, FolderLayout, check_layout, scan_folder
 from vitkit.data.split import holdout_split
 
@@ -52,6 +57,7 @@ def load_splits(
     in_memory: bool | None = None,
     data_root: str | os.PathLike | None = None,
     workers: int | None = None,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> DataSplits:
     """Load a source into train/val(/test) splits of uint8 images.
 
@@ -67,10 +73,12 @@ def load_splits(
     ``val_fraction``/``seed``: the per-class holdout used when the source has no val split (0 gives an empty
     val). ``cache_dir``: where decoded folders are cached (default ``<data root>/cache``). ``in_memory``:
     None decides by the estimated decoded size (streams above 4 GiB). ``workers``: decoding processes for
-    the first load (default: the usable cores).
+    the first load (default: the usable cores). ``interpolation``: the Pillow filter of the resize
+    (``vitkit eval`` passes the one the checkpoint was trained with).
     """
     if image_size is not None and int(image_size) < 1:
         raise ValueError(f"image_size={image_size}: must be a positive number of pixels, e.g. 224")
+    check_interpolation(interpolation)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1), e.g. 0.1 to hold out 10% of each class")
     text = os.fspath(source)
@@ -78,27 +86,23 @@ def load_splits(
     name = cifar.cifar_name(text)
     if name is not None and not path.exists():
         directory = cifar.prepare(name, resolve_data_root(data_root), download_missing=download)
-        return _cifar_splits(directory, name, image_size, val_fraction, seed)
+        return _cifar_splits(directory, name, image_size, val_fraction, seed, interpolation)
     name = cifar.detect_cifar_dir(path)
     if name is not None:
-        return _cifar_splits(path, name, image_size, val_fraction, seed)
+        return _cifar_splits(path, name, image_size, val_fraction, seed, interpolation)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else resolve_data_root(data_root) / "cache"
-    return _folder_splits(path, image_size, val_fraction, seed, cache_dir, skip_bad_images, in_memory, workers)
+    return _folder_splits(path, image_size, val_fraction, seed, cache_dir, skip_bad_images, in_memory, workers,
+                          interpolation)
 
 
-def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size): shorter side to ``size``, center crop (antialiased)."""
-    height, width = images.shape[-2:]
-    if (height, width) == (size, size):
+def _resize_images(images: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size), each image through :func:`resize_center_crop`."""
+    if tuple(images.shape[-2:]) == (size, size):
         return images
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    out = []
-    for chunk in images.split(1024):
-        resized = F.interpolate(chunk.float(), size=(new_h, new_w), mode="bicubic", antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        out.append(resized[..., top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for row, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        out[row] = torch.from_numpy(resize_center_crop(image, size, interpolation)).permute(2, 0, 1)
+    return out
 
 
 def _stored_size(native: int, image_size: int | None) -> int:
@@ -110,7 +114,8 @@ def _with_holdout(train: ImageSet, val_fraction: float, seed: int) -> tuple[Imag
     return train.subset(train_idx), train.subset(val_idx)
 
 
-def _cifar_splits(directory: Path, name: str, image_size: int | None, val_fraction: float, seed: int) -> DataSplits:
+def _cifar_splits(directory: Path, name: str, image_size: int | None, val_fraction: float, seed: int,
+                  interpolation: str) -> DataSplits:
     start = time.perf_counter()
     data = cifar.load_cifar_dir(directory, name)
     classes: list[str] = data["classes"]  # type: ignore[assignment]
@@ -118,7 +123,7 @@ def _cifar_splits(directory: Path, name: str, image_size: int | None, val_fracti
     sets = {}
     for split in ("train", "test"):
         images, labels = data[split]  # type: ignore[misc]
-        sets[split] = ImageSet(labels, classes, _resize_tensor(images, size))
+        sets[split] = ImageSet(labels, classes, _resize_images(images, size, interpolation))
     train, val = _with_holdout(sets["train"], val_fraction, seed)
     logger.info("loaded %s from %s in %.1f s", cifar.CIFAR_SPECS[name].title, directory, time.perf_counter() - start)
     return DataSplits(train, val, sets["test"], classes, size, source=f"{cifar.CIFAR_SPECS[name].title} ({directory})")
@@ -158,10 +163,12 @@ def _planned_size(layout: FolderLayout, image_size: int | None, strict: bool) ->
     return image_size
 
 
-def _decode_split(entries: list[FileEntry], root: Path, image_size: int | None, workers: int | None) -> dict:
+def _decode_split(entries: list[FileEntry], root: Path, image_size: int | None, workers: int | None,
+                  interpolation: str) -> dict:
     """Decode every file of a split into one uint8 tensor; unreadable files are listed, not filled in."""
     start = time.perf_counter()
-    results = decode_files([e.path for e in entries], image_size, keep_small_squares=True, workers=workers)
+    results = decode_files([e.path for e in entries], image_size, keep_small_squares=True, workers=workers,
+                           interpolation=interpolation)
     good = [(i, array) for i, (array, _, _) in enumerate(results) if array is not None]
     bad = [(entries[i].relpath, reason) for i, (array, _, reason) in enumerate(results) if array is None]
     shapes = Counter(array.shape[:2] for _, array in good)
@@ -175,7 +182,7 @@ def _decode_split(entries: list[FileEntry], root: Path, image_size: int | None, 
                 f"{root}: images are not all square and of one size: {shown}. Pass --image-size N "
                 "(image_size=N) to resize the shorter side to N and center-crop."
             )
-        good = [(i, _resize_array(a, image_size)) for i, a in good]
+        good = [(i, resize_center_crop(a, image_size, interpolation)) for i, a in good]
     size = good[0][1].shape[0] if good else (image_size or 0)
     images = torch.empty((len(good), 3, size, size), dtype=torch.uint8)
     for row, (_, array) in enumerate(good):
@@ -191,14 +198,15 @@ def _decode_split(entries: list[FileEntry], root: Path, image_size: int | None, 
 
 
 def _load_or_decode(
-    layout: FolderLayout, split: str, image_size: int | None, cache_dir: Path, workers: int | None
+    layout: FolderLayout, split: str, image_size: int | None, cache_dir: Path, workers: int | None,
+    interpolation: str,
 ) -> dict:
     entries = layout.splits[split]
-    key = cache_key(((e.relpath, e.label, e.size, e.mtime_ns) for e in entries), image_size)
+    key = cache_key(((e.relpath, e.label, e.size, e.mtime_ns) for e in entries), image_size, interpolation)
     path = cache_path(cache_dir, f"{layout.root.resolve().name}-{split}", key)
     payload = load_cache(path, key)
     if payload is None:
-        payload = {"key": key, **_decode_split(entries, layout.root, image_size, workers)}
+        payload = {"key": key, **_decode_split(entries, layout.root, image_size, workers, interpolation)}
         try:
             save_cache(path, payload)
         except OSError as error:  # a read-only or full disk costs speed next time, not this run
@@ -215,6 +223,7 @@ def _folder_splits(
     skip_bad_images: bool,
     in_memory: bool | None,
     workers: int | None,
+    interpolation: str,
 ) -> DataSplits:
     layout = scan_folder(root)
     check_layout(layout)
@@ -227,7 +236,8 @@ def _folder_splits(
     sets: dict[str, ImageSet] = {}
     skipped: list[tuple[str, str]] = []
     if in_memory:
-        payloads = {split: _load_or_decode(layout, split, image_size, cache_dir, workers) for split in layout.splits}
+        payloads = {split: _load_or_decode(layout, split, image_size, cache_dir, workers, interpolation)
+                    for split in layout.splits}
         bad = [(str(root / rel), reason) for p in payloads.values() for rel, reason in p["bad"]]
         if bad and not skip_bad_images:
             raise BadImagesError(bad)
@@ -241,7 +251,7 @@ def _folder_splits(
             if image_size is None:
                 raise ValueError(f"{root}: the splits have different image sizes {sorted(sizes)}; pass --image-size N.")
             for p in payloads.values():
-                p["images"] = _resize_tensor(p["images"], image_size)
+                p["images"] = _resize_images(p["images"], image_size, interpolation)
         for split, p in payloads.items():
             if not len(p["images"]):
                 raise ValueError(f"{root / split if layout.layout == 'splits' else root}: no readable images left")
@@ -266,6 +276,7 @@ def _folder_splits(
                 [e.path for e in entries],
                 image_size=size,
                 skip_bad_images=skip_bad_images,
+                interpolation=interpolation,
             )
     train = sets["train"]
     if "val" in sets:

@@ -21,11 +21,11 @@ from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config
 from vitkit.weights.errors import WeightsError, preview
 from vitkit.weights.formats import vitkit_to_hf
-from vitkit.weights.load import Source, load_model, save_vitkit
+from vitkit.weights.load import LOADER_INTERPOLATION, PIL_FILTERS, Source, load_model, save_vitkit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_FORMATS", "convert", "export", "hf_config", "timm_name_for"]
+__all__ = ["EXPORT_FORMATS", "convert", "export", "hf_config", "hf_preprocessor_config", "timm_name_for"]
 
 EXPORT_FORMATS = ("vitkit", "timm", "hf", "onnx")
 ONNX_ATOL = 1e-4
@@ -46,29 +46,38 @@ def export(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     timm_name: str | None = None,
+    interpolation: str = LOADER_INTERPOLATION,
 ) -> Path:
     """Write ``model`` to ``dst`` in format ``to`` and return the path written.
 
-    * ``"vitkit"``: one safetensors file with config, class names and normalisation in its metadata.
+    ``interpolation``: the Pillow filter the model's inputs are resized with (the one its training data
+    was resized with; a Classifier's ``preprocessing.interpolation``).
+
+    * ``"vitkit"``: one safetensors file with config, class names, normalisation and interpolation in its
+      metadata.
     * ``"timm"``: a plain state dict (``.safetensors`` if ``dst`` ends so, else a ``torch.save``
       pickle of tensors only) that ``timm.create_model(timm_name, pretrained=False, **kwargs)`` loads
       with strict=True; the kwargs needed (num_classes, img_size, ...) are logged. Checked against
       timm when it is installed.
     * ``"hf"``: a directory (config.json, model.safetensors, preprocessor_config.json when mean/std
-      are given) for ``ViTForImageClassification.from_pretrained`` (``ViTModel`` when headless).
+      are given) for ``ViTForImageClassification.from_pretrained`` (``ViTModel`` when headless); the
+      preprocessor config describes vitkit's preprocessing (:func:`hf_preprocessor_config`).
     * ``"onnx"``: input ``pixel_values`` (batch, C, H, W) with a dynamic batch axis, output
       ``logits``; verified with onnxruntime (batch 1 and 7, within 1e-4) when it is installed.
     """
     if to not in EXPORT_FORMATS:
         raise WeightsError(f"unknown export format {to!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     dst = Path(dst)
+    if interpolation not in PIL_FILTERS.values():
+        raise WeightsError(f"{dst}: interpolation {interpolation!r} is not a Pillow filter; use one of "
+                           f"{', '.join(PIL_FILTERS.values())}")
     if to == "vitkit":
-        save_vitkit(dst, model, classes=classes, mean=mean, std=std)
+        save_vitkit(dst, model, classes=classes, mean=mean, std=std, interpolation=interpolation)
         return dst
     if to == "timm":
         return _export_timm(model, dst, timm_name)
     if to == "hf":
-        return _export_hf(model, dst, classes, mean, std)
+        return _export_hf(model, dst, classes, mean, std, interpolation)
     return _export_onnx(model, dst)
 
 
@@ -84,12 +93,12 @@ def convert(
 ) -> Path:
     """``vitkit convert SRC DST --to FORMAT``: read weights of any format, rebuild the model, export it.
 
-    Class names and normalisation travel along when the source has them (vitkit metadata, Hugging
-    Face config.json/preprocessor_config.json, timm hub config.json).
+    Class names, normalisation and interpolation travel along when the source has them (vitkit
+    metadata, Hugging Face config.json/preprocessor_config.json, timm hub config.json).
     """
     model, meta = load_model(src, name=name, trust_checkpoint=trust_checkpoint, **overrides)
     return export(model, dst, to, classes=meta["classes"], mean=meta["mean"], std=meta["std"],
-                  timm_name=timm_name or name)
+                  timm_name=timm_name or name, interpolation=meta["interpolation"] or LOADER_INTERPOLATION)
 
 
 def _state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -227,12 +236,42 @@ def hf_config(cfg: ViTConfig, classes: Sequence[str] | None) -> dict[str, Any]:
     }
 
 
+def hf_preprocessor_config(image_size: int, mean: Sequence[float], std: Sequence[float],
+                           interpolation: str = LOADER_INTERPOLATION) -> dict[str, Any]:
+    """A transformers image processor config (preprocessor_config.json) doing vitkit's preprocessing:
+    RGB, shorter side resized to ``image_size`` with ``interpolation``, centre square cropped, scaled
+    to 0..1, normalised.
+
+    CLIPImageProcessor is transformers' processor that resizes the shorter side and crops the centre,
+    as vitkit does. What no processor config can say: vitkit keeps a square image smaller than
+    ``image_size`` at its own size and enlarges it bilinearly on the model's device.
+    """
+    codes = {name: code for code, name in PIL_FILTERS.items()}
+    if interpolation not in codes:
+        raise WeightsError(f"interpolation {interpolation!r} is not a Pillow filter; use one of {', '.join(codes)}")
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": codes[interpolation],
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(x) for x in mean],
+        "image_std": [float(x) for x in std],
+    }
+
+
 def _export_hf(
     model: VisionTransformer,
     dst: Path,
     classes: Sequence[str] | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    interpolation: str,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -254,17 +293,7 @@ def _export_hf(
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     _write_json(dst / "config.json", hf_config(cfg, classes))
     if mean is not None and std is not None:
-        _write_json(dst / "preprocessor_config.json", {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": True,
-            "size": {"height": cfg.img_size, "width": cfg.img_size},
-            "resample": 2,  # PIL bilinear
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": [float(x) for x in mean],
-            "image_std": [float(x) for x in std],
-        })
+        _write_json(dst / "preprocessor_config.json", hf_preprocessor_config(cfg.img_size, mean, std, interpolation))
     return dst
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config, resample_pos_embed, sincos_pos_embed_2d
 from vitkit.weights import formats
+from vitkit.weights.checkpoint import training_checkpoint
 from vitkit.weights.errors import WeightsError, preview
 from vitkit.weights.io import find_weight_files, read_checkpoint, read_json
 from vitkit.weights.resample import resample_patch_embed
@@ -48,6 +49,11 @@ VITKIT_FORMAT_VERSION = "1"
 _HF_GELU = {
     "gelu": "exact", "gelu_python": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
 }
+# Pillow's filter numbers (Hugging Face's "resample") and names (vitkit's and timm's "interpolation").
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# The filter vitkit's data loader resizes with (vitkit.data.DEFAULT_INTERPOLATION; this layer does not
+# import the data layer): what a model trained by vitkit without a record of it expects.
+LOADER_INTERPOLATION = "bicubic"
 _HEAD_KEYS = ("head.weight", "head.bias")
 _PRE_LOGITS_KEYS = ("pre_logits.fc.weight", "pre_logits.fc.bias")
 
@@ -86,7 +92,7 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
     else:
         raise TypeError(f"weights source must be a path or a state dict, got {type(source).__name__}")
 
-    raw, training_hints = _training_checkpoint(raw)
+    raw, training_hints = _training_checkpoint(raw, label)
     hints.update(training_hints)
     tensors, metadata = formats.unwrap_checkpoint(raw, label)
     hints.update(_metadata_hints(metadata, label))
@@ -111,25 +117,22 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
     return _Source(label, fmt, sd, hints)
 
 
-def _training_checkpoint(raw: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
-    """vitkit's own Lightning checkpoints name the weights they evaluate (EMA or not) and their config.
-
-    ``raw["vitkit"] = {"weights": "ema.module." | "model.", "config": {...}, "classes": [...], ...}``:
-    the state dict is narrowed to that prefix, so the evaluated weights are the ones loaded.
+def _training_checkpoint(raw: Mapping[str, Any], label: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """vitkit's own Lightning checkpoints name the weights they evaluate (EMA or not) and carry their config,
+    classes, normalisation and interpolation (:mod:`vitkit.weights.checkpoint`): the state dict is narrowed
+    to those weights, so the evaluated weights are the ones loaded.
     """
-    meta = raw.get("vitkit")
-    state = raw.get("state_dict")
-    if not isinstance(meta, Mapping) or not isinstance(state, Mapping) or not isinstance(meta.get("weights"), str):
+    checkpoint = training_checkpoint(raw, label)
+    if checkpoint is None:
         return raw, {}
-    prefix = meta["weights"]
-    narrowed = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
-    if not narrowed:
-        return raw, {}
-    hints = {k: meta[k] for k in ("config", "classes", "mean", "std") if meta.get(k) is not None}
-    if isinstance(hints.get("config"), Mapping):
-        hints["config"] = dict(hints["config"])
-        hints.update({k: hints["config"][k] for k in ("num_heads", "gelu", "layer_norm_eps") if k in hints["config"]})
-    return narrowed, hints
+    config = checkpoint.config.to_dict()
+    hints: dict[str, Any] = {"config": config}
+    for key in ("classes", "mean", "std", "interpolation"):
+        value = getattr(checkpoint, key)
+        if value is not None:
+            hints[key] = list(value) if isinstance(value, tuple) else value
+    hints.update({k: config[k] for k in ("num_heads", "gelu", "layer_norm_eps") if k in config})
+    return checkpoint.weights(), hints
 
 
 def _directory_hints(path: Path) -> dict[str, Any]:
@@ -148,12 +151,16 @@ def _directory_hints(path: Path) -> dict[str, Any]:
             for key in ("mean", "std"):
                 if pretrained.get(key):
                     hints[key] = [float(x) for x in pretrained[key]]
+            if pretrained.get("interpolation") in PIL_FILTERS.values():
+                hints["interpolation"] = pretrained["interpolation"]
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.is_file():
         pre = read_json(preprocessor)
         for key, ours in (("image_mean", "mean"), ("image_std", "std")):
             if isinstance(pre.get(key), list):
                 hints.setdefault(ours, [float(x) for x in pre[key]])
+        if pre.get("resample") in PIL_FILTERS:
+            hints.setdefault("interpolation", PIL_FILTERS[pre["resample"]])
     return hints
 
 
@@ -190,7 +197,7 @@ def _metadata_hints(metadata: Mapping[str, str], label: str) -> dict[str, Any]:
     if "config" not in metadata or "vitkit" not in metadata:
         return {}
     hints: dict[str, Any] = {}
-    for key in ("config", "classes", "mean", "std", "extra"):
+    for key in ("config", "classes", "mean", "std", "interpolation", "extra"):
         if key in metadata:
             try:
                 hints[key] = json.loads(metadata[key])
@@ -251,8 +258,8 @@ def load_model(
     **overrides: Any
 ) -> tuple[VisionTransformer, dict[str, Any]]:
     """A model rebuilt from weights of any format (:func:`config_from_weights` + :func:`load_weights`),
-    in eval mode, and what the source says about using it: ``{"classes", "mean", "std"}``, each None
-    where it says nothing (vitkit metadata, Hugging Face config.json and preprocessor_config.json,
+    in eval mode, and what the source says about using it: ``{"classes", "mean", "std", "interpolation"}``,
+    each None where it says nothing (vitkit metadata, Hugging Face config.json and preprocessor_config.json,
     timm's hub config.json). Class names are None when ``overrides`` gave the model another head.
     """
     src = _resolve(source, trust_checkpoint)
@@ -262,7 +269,7 @@ def load_model(
     classes = src.hints.get("classes")
     if classes is not None and len(classes) != cfg.num_classes:
         classes = None  # the head was replaced: the names no longer apply
-    return model.eval(), {"classes": classes, "mean": src.hints.get("mean"), "std": src.hints.get("std")}
+    return model.eval(), {"classes": classes, **{k: src.hints.get(k) for k in ("mean", "std", "interpolation")}}
 
 
 def _config_from_source(src: _Source, name: str | None, overrides: dict[str, Any]) -> ViTConfig:
@@ -532,12 +539,14 @@ def save_vitkit(
     classes: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    interpolation: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Save ``model`` as safetensors with everything needed to rebuild and use it in the metadata.
 
     The metadata (safetensors allows str -> str only) holds JSON of the config, class names, the
-    input normalisation and ``extra``, so :func:`load_vitkit` needs nothing but the file. Written
+    input normalisation, the Pillow filter its images are resized with (``interpolation``, None: the
+    data loader's default) and ``extra``, so :func:`load_vitkit` needs nothing but the file. Written
     atomically: an interrupted save leaves the previous file intact.
     """
     from safetensors.torch import save_file
@@ -548,8 +557,12 @@ def save_vitkit(
         "classes": list(classes) if classes is not None else None,
         "mean": [float(x) for x in mean] if mean is not None else None,
         "std": [float(x) for x in std] if std is not None else None,
+        "interpolation": interpolation,
         "extra": extra,
     }
+    if interpolation is not None and interpolation not in PIL_FILTERS.values():
+        raise WeightsError(f"{path}: interpolation {interpolation!r} is not a Pillow filter; use one of "
+                           f"{', '.join(PIL_FILTERS.values())}")
     if classes is not None and model.num_classes and len(values["classes"]) != model.num_classes:
         raise WeightsError(f"{path}: {len(values['classes'])} class names for a model with {model.num_classes} classes")
     for key, value in values.items():
@@ -566,8 +579,8 @@ def load_vitkit(path: str | os.PathLike) -> tuple[VisionTransformer, dict[str, A
     """A model saved by :func:`save_vitkit`, in eval mode, and its metadata.
 
     Metadata: ``{"config": dict, "classes": list | None, "mean": list | None, "std": list | None,
-    "extra": dict | None}``. The model is built on the meta device and its tensors assigned, so
-    nothing is randomly initialised only to be overwritten.
+    "interpolation": str | None, "extra": dict | None}``. The model is built on the meta device and its
+    tensors assigned, so nothing is randomly initialised only to be overwritten.
     """
     src = _resolve(path)
     if not isinstance(src.hints.get("config"), dict):
@@ -580,6 +593,6 @@ def load_vitkit(path: str | os.PathLike) -> tuple[VisionTransformer, dict[str, A
         model = VisionTransformer(cfg)
     sd, _, _ = _prepare(model, src, strict_head=True, resample_patch=False)
     model.load_state_dict(sd, strict=True, assign=True)
-    metadata = {key: src.hints.get(key) for key in ("classes", "mean", "std", "extra")}
+    metadata = {key: src.hints.get(key) for key in ("classes", "mean", "std", "interpolation", "extra")}
     metadata["config"] = cfg.to_dict()
     return model.eval(), metadata
