@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "train"
@@ -59,3 +61,24 @@ def trained_run(tmp_path_factory, color_folder):
     cfg = resolve_config(None, data=str(color_folder), out=str(out), val_fraction=0.25, **TINY_TRAIN)
     result = train(cfg)
     return result
+
+
+def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter, so ones/zeros init (norms, heads) cannot mask a wrong mapping."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return module
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every operation run under it, in order ("aten.addmm.default", ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vitkit
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, OpNames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -56,25 +56,14 @@ def test_the_fast_path_runs_the_reference_ops_on_cuda():
     """optimize() changes nothing on CUDA but the class-token-only last block: the same operations as
     the reference (average pooling, where that block does not apply), in training (bf16 autocast) and
     inference, and so the same logits and gradients."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from vitkit.model.fast import optimize
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     reference = _model("cifar-tiny", global_pool="avg")
     fast = optimize(copy.deepcopy(reference))
     x = torch.randn(8, 3, 32, 32, device="cuda")
     runs = []
     for model in (reference, fast):
-        with Ops() as ops:
+        with OpNames() as ops:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(x)
             logits.float().logsumexp(-1).mean().backward()

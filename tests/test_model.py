@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkit
+from conftest import OpNames
 from vitkit.model import VisionTransformer, resample_pos_embed, sincos_pos_embed_2d
 from vitkit.weights import load_vitkit, save_vitkit
 
@@ -384,7 +385,7 @@ def test_off_the_cpu_the_fast_path_runs_the_reference_ops():
         for grad in (True, False):
             calls = []
             for model in (reference, fast):
-                with torch.set_grad_enabled(grad), _OpNames() as ops:
+                with torch.set_grad_enabled(grad), OpNames() as ops:
                     model(x).sum().backward() if grad else model(x)
                 calls.append(ops.names)
             assert len(calls[0]) > 50, grad
@@ -605,18 +606,6 @@ def _randomize_biases(model: torch.nn.Module) -> None:
                 param.normal_(std=0.1)
 
 
-class _OpNames(TorchDispatchMode):
-    """Records the name of every operation run under it, in order ("aten.addmm.default", ...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["oneDNN", "BLAS"])
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
 def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
@@ -633,9 +622,9 @@ def test_inference_path_equals_the_training_path(gelu, fused, monkeypatch):
     model = fast.optimize(copy.deepcopy(reference))
     assert model.blocks[0].mlp.act.approximate == ("tanh" if gelu == "tanh" else "none")
     x = torch.randn(3, 3, 32, 32)
-    with torch.inference_mode(), _OpNames() as ops:
+    with torch.inference_mode(), OpNames() as ops:
         inferred = model(x)
-    with torch.inference_mode(), _OpNames() as reference_ops:
+    with torch.inference_mode(), OpNames() as reference_ops:
         expected = reference(x)
     assert ("mkldnn._linear_pointwise.default" in ops.names) == fused, set(ops.names)
     assert not any("mkldnn" in name for name in reference_ops.names), set(reference_ops.names)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitkit
+from conftest import perturb
 from vitkit.model import resample_pos_embed
 from vitkit.weights import (
     WeightsError,
@@ -33,15 +34,6 @@ from vitkit.weights import (
 )
 
 timm = pytest.importorskip("timm")
-
-
-def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter, so ones/zeros init (norms, heads) cannot mask a wrong mapping."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * std)
-    return module
 
 
 def images(batch: int, size: int, seed: int = 1) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitkit
+from conftest import perturb
 from vitkit.weights import (
     UnsafeCheckpointError,
     WeightsError,
@@ -26,15 +27,6 @@ from vitkit.weights import (
     read_checkpoint,
     read_state_dict,
 )
-
-
-def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter, so ones/zeros init (norms, heads) cannot mask a wrong mapping."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * std)
-    return module
 
 
 def small_model(**overrides) -> vitkit.VisionTransformer:
