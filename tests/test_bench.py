@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from conftest import perturb
 from vitkit import bench
 from vitkit.bench import _Step, bench_model, count_flops, format_result, products_alone
 from vitkit.model import VisionTransformer, get_config
@@ -60,7 +61,15 @@ def test_the_timm_twin_drops_the_same_patches_and_computes_the_same_logits():
     whole = bench.timm_twin(VisionTransformer(get_config("cifar-mini", depth=2, img_size=16, num_classes=5)))
     dropped, kept = (count_flops(_Step(model, 4, CPU, train=True)) for model in (twin, whole))
     assert 0.4 < dropped / kept < 0.6
-    for option in ({"stem": "shifted"}, {"locality_attention": True}, {"gelu": "tanh"}):
+    # the parts of timm's families travel to the twin: layer scale, registers, a pre-norm, qk-norm
+    family = dict(init_values=0.1, reg_tokens=2, no_embed_class=True, pre_norm=True, qk_norm=True)
+    ours = VisionTransformer(get_config("cifar-mini", depth=2, img_size=16, num_classes=5, **family))
+    perturb(ours)  # zero and one inits (head, layer scale, norms) would hide a wrong mapping
+    logits = optimize(ours).eval()(x)
+    assert logits.std() > 0
+    torch.testing.assert_close(bench.timm_twin(ours).eval()(x), logits, rtol=1e-5, atol=1e-5)
+    for option in ({"stem": "shifted"}, {"locality_attention": True}, {"gelu": "tanh"},
+                   {"mlp_layer": "swiglu_packed"}):
         with pytest.raises(ValueError, match="without --against timm"):
             bench.timm_twin(VisionTransformer(get_config("cifar-mini", depth=1, img_size=16, **option)))
 

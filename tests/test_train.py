@@ -284,6 +284,12 @@ def test_schedule_and_parameter_groups():
     layered = parameter_groups(model, 0.05, 0.5)
     scales = {g["lr_scale"] for g in layered}
     assert max(scales) == 1.0 and min(scales) == pytest.approx(0.5**3)
+    # the parts before the blocks (registers, a pre-norm) sit with the class token in layer 0, not the head's
+    family = vitkit.create_model("cifar-mini", depth=2, reg_tokens=2, pre_norm=True)
+    scale_of = {id(p): g["lr_scale"] for g in parameter_groups(family, 0.05, 0.5) for p in g["params"]}
+    for param in (family.reg_token, family.norm_pre.weight, family.cls_token):
+        assert scale_of[id(param)] == pytest.approx(0.5**3)
+    assert scale_of[id(family.head.weight)] == 1.0
 
 
 def test_orthogonalize_brings_singular_values_near_one():
@@ -476,8 +482,13 @@ def test_every_shipped_recipe_resolves_to_a_valid_model():
 
     names = recipe_names()
     assert {"cifar10-quick", "cifar10-vit-30m", "cifar10-hybrid-30m", "seed-ti16-finetune"} <= set(names)
+    from vitkit.weights.hub import PRETRAINED
+
     for name in names:
         cfg = resolve_config(name, data="unused")
+        if cfg.model is None:  # fine-tuning: the model is the --init weights' own, a known name or the user's file
+            assert name.startswith("finetune") and (cfg.init is None or cfg.init in PRETRAINED), name
+            continue
         model_cfg = vitkit.get_config(cfg.model, **cfg.model_args)
         assert model_cfg.embed_dim > 0, name
     assert resolve_config("cifar10-vit-30m").time_budget == 1800.0  # "30m" in the file

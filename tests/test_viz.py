@@ -155,6 +155,18 @@ def test_position_embedding_similarity_of_sincos_peaks_on_the_diagonal():
     assert (flat - flat.diagonal()[:, None]).max() <= 1e-6 and torch.allclose(flat, flat.T, atol=1e-6)
 
 
+def test_position_embedding_similarity_reads_only_patch_slots():
+    """Registers and the class token have no position; with no_embed_class pos_embed holds patches only."""
+    with_slots = vitkit.create_model("cifar-mini", depth=1, reg_tokens=2)
+    patches_only = vitkit.create_model("cifar-mini", depth=1, reg_tokens=2, no_embed_class=True)
+    with torch.no_grad():
+        patches_only.pos_embed.copy_(with_slots.pos_embed[:, with_slots.config.pos_prefix_tokens :])
+    g = with_slots.config.grid_size
+    sim = position_embedding_similarity(patches_only)
+    assert sim.shape == (g, g, g, g) and sim.std() > 0
+    assert torch.equal(sim, position_embedding_similarity(with_slots))
+
+
 def test_patch_embedding_components_recover_the_dominant_direction(tiny_model):
     comps = patch_embedding_components(tiny_model)
     c, p = tiny_model.config.in_chans, tiny_model.config.patch_size

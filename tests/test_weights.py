@@ -443,3 +443,15 @@ def test_parts_timm_and_hf_lack_are_refused_for_their_formats(tmp_path, override
     x = images(2, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("overrides", [dict(init_values=0.1), dict(reg_tokens=2), dict(gelu="quick"),
+                                       dict(qk_norm=True), dict(pre_norm=True)])
+def test_parts_only_hf_lacks_export_to_timm_but_not_to_hf(tmp_path, overrides):
+    """The parts of timm's families (DeiT III, DINOv2, CLIP) go to timm's format; Hugging Face's ViTModel
+    has no place for them, so that export is refused before anything is written."""
+    model = small_model(**overrides)
+    with pytest.raises(WeightsError, match="export to vitkit or onnx instead"):
+        export(model, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()
+    assert export(model, tmp_path / "m.safetensors", "timm").is_file()

@@ -100,7 +100,8 @@ def timm_twin(model: VisionTransformer) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     cfg = model.config
-    extras = cfg.parts_timm_lacks() + ([f"gelu={cfg.gelu!r}"] if cfg.gelu != "exact" else [])
+    extras = cfg.parts_timm_lacks() + ([f"gelu={cfg.gelu!r}"] if cfg.gelu != "exact" else []) + (
+        [f"mlp_layer={cfg.mlp_layer!r}"] if cfg.mlp_layer != "mlp" else [])
     if extras:
         raise ValueError(f"timm's VisionTransformer has no {' or '.join(extras)}, so there is no timm twin to "
                          "time against; bench this model without --against timm")
@@ -109,7 +110,8 @@ def timm_twin(model: VisionTransformer) -> nn.Module:
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
                    global_pool=cfg.global_pool, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
                    attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
-                   patch_drop_rate=cfg.patch_drop_rate)
+                   patch_drop_rate=cfg.patch_drop_rate, init_values=cfg.init_values, reg_tokens=cfg.reg_tokens,
+                   no_embed_class=cfg.no_embed_class, pre_norm=cfg.pre_norm, qk_norm=cfg.qk_norm)
     twin.load_state_dict(model.state_dict())
     return twin
 

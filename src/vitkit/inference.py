@@ -1,9 +1,11 @@
 """A trained classifier in one object: ``vitkit.load(path).predict(images)``.
 
-``load`` takes a run directory, a training checkpoint (.ckpt), a vitkit ``.safetensors`` file, or
-weights in another format (a timm or Hugging Face folder or file, .npz; class names and
-normalisation come from the folder's JSON where it has them; else the classes are unknown and
-the original ViT's mean and std of 0.5 are assumed). Checkpoints are read without unpickling code.
+``load`` takes a run directory, a training checkpoint (.ckpt), a vitkit ``.safetensors`` file, a
+pretrained name (``vit_base_patch16_224.augreg2_in21k_ft_in1k``, ``google/vit-base-patch16-224``: fetched
+into the Hugging Face cache by :mod:`vitkit.weights.hub`), or weights in another format (a timm or
+Hugging Face folder or file, .npz; class names and normalisation come from the folder's JSON where it
+has them; else the classes are unknown and the original ViT's mean and std of 0.5 are assumed).
+Checkpoints are read without unpickling code.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vitkit.model import VisionTransformer, ViTConfig
 from vitkit.model.fast import optimize
 from vitkit.model.tta import view_averaged_logits
 from vitkit.weights import load_model, load_vitkit, read_training_checkpoint
+from vitkit.weights.hub import download, is_hub_name, not_found_hint
 from vitkit.weights.io import check_safetensors_header
 
 __all__ = ["Classifier", "ImageLike", "Prediction", "evaluate", "load"]
@@ -127,7 +130,9 @@ class Classifier:
 
 
 def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str = "cpu") -> Classifier:
-    """Load a classifier from a run directory, checkpoint, or weights file (see module doc)."""
+    """Load a classifier from a run directory, checkpoint, weights file or pretrained name (see module doc)."""
+    if isinstance(path, str) and is_hub_name(path):
+        path = download(path, trust_checkpoint=trust_checkpoint)
     path = Path(path)
     # A folder with a config.json holds Hugging Face or timm hub weights, read as a whole (the JSON
     # gives heads, class names and normalisation); any other folder is a vitkit run directory.
@@ -138,7 +143,7 @@ def load(path: str | os.PathLike, *, trust_checkpoint: bool = False, device: str
         raise FileNotFoundError(f"{path} holds no model.safetensors, best.ckpt or last.ckpt (a vitkit run) and "
                                 "no config.json (Hugging Face or timm hub weights)")
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist{not_found_hint(str(path))}")
     if path.suffix == ".ckpt":
         return _from_training_checkpoint(path, trust_checkpoint).to(device)
     if path.suffix == ".safetensors":

@@ -232,9 +232,17 @@ def build_parser() -> Parser:
     p.add_argument("--trust-checkpoint", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    m = sub.add_parser("models", help="the variant table")
+    m = sub.add_parser("models", help="the variant table, or with --pretrained the pretrained names")
+    m.add_argument("--pretrained", nargs="?", const="*", metavar="PATTERN",
+                   help="list the pretrained weights vitkit loads by name, those matching PATTERN (e.g. 'vit_tiny*')")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    dl = sub.add_parser("download", help="fetch pretrained weights into the Hugging Face cache; prints the folder")
+    dl.add_argument("name", help="a pretrained name (vitkit models --pretrained), owner/repo or hf-hub:owner/repo, "
+                    "optionally @revision")
+    dl.add_argument("--trust-checkpoint", action="store_true", help="allow a repo whose weights are a pickle")
+    dl.set_defaults(func=cmd_download)
 
     r = sub.add_parser("recipes", help="the shipped training recipes")
     r.set_defaults(func=cmd_recipes)
@@ -403,6 +411,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from vitkit.model import count_parameters, get_config, list_models
 
+    if args.pretrained is not None:
+        return _list_pretrained(args.pretrained, args.json)
     rows = []
     for name in list_models():
         cfg = get_config(name)
@@ -418,6 +428,32 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{r['name']:<24}{r['img_size']:>5}{r['patch_size']:>6}{r['embed_dim']:>6}{r['depth']:>6}"
               f"{r['num_heads']:>6}{r['tokens']:>7}{r['params_m']:>9.2f}M")
     print("Any size/patch/resolution combination also works: Ti|S|M|B|L|H/<patch>[@<img_size>].")
+    return 0
+
+
+def _list_pretrained(pattern: str, as_json: bool) -> int:
+    from vitkit.weights.hub import PRETRAINED, list_pretrained
+
+    rows = list_pretrained(pattern)
+    if not rows:
+        raise ValueError(f"no pretrained name matches {pattern!r}; {len(PRETRAINED)} are known "
+                         "(vitkit models --pretrained lists them)")
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    print(f"{'name':<{width}}{'arch':<7}{'img':>5}  source")
+    for r in rows:
+        print(f"{r['name']:<{width}}{r['architecture']:<7}{r['img_size']:>5}  {r['source']}")
+    print("Also any timm ViT name, owner/repo or hf-hub:owner/repo on the Hugging Face Hub; `vitkit download NAME` "
+          "fetches one for offline use.")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from vitkit.weights.hub import download
+
+    print(download(args.name, trust_checkpoint=args.trust_checkpoint))
     return 0
 
 

@@ -36,6 +36,25 @@ SMALL_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
     "cifar-hybrid": dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, stem="conv"),
 }
 
+# timm's model families beyond the paper's ViT: the parts each adds, and its defaults where timm's differ.
+_DINOV2 = dict(init_values=1e-5, img_size=518, num_classes=0)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "deit3": dict(init_values=1e-6, no_embed_class=True),
+    "dinov2": _DINOV2,
+    "reg4_dinov2": _DINOV2 | dict(reg_tokens=4, no_embed_class=True),
+    "clip": dict(pre_norm=True, layer_norm_eps=1e-5),
+    "clip_quickgelu": dict(pre_norm=True, layer_norm_eps=1e-5, gelu="quick"),
+    "siglip": dict(class_token=False, global_pool="map", num_classes=0),
+}
+# DINOv2's giant model: a size of its own, with the gated MLP (timm's hidden width 2 * 4096).
+_GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed")
+_FAMILY_NAMES = [
+    re.compile(r"^(?P<family>deit3)_(?P<size>small|medium|base|large|huge)_patch(?P<patch>\d+)_(?P<res>\d+)$"),
+    re.compile(r"^vit_(?P<size>small|base|large|giant)_patch(?P<patch>\d+)_(?P<family>dinov2|reg4_dinov2)$"),
+    re.compile(r"^vit_(?P<size>base|large|huge)_patch(?P<patch>\d+)_(?P<family>clip|clip_quickgelu)_(?P<res>\d+)$"),
+    re.compile(r"^vit_(?P<size>base|large)_patch(?P<patch>\d+)_(?P<family>siglip)_(?P<res>\d+)$"),
+]
+
 # Names shown by list_models(): the paper's grid, the timm aliases people actually use, and presets.
 _LISTED_PAPER = ["Ti/16", "S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14", "B/8", "S/8"]
 _LISTED_TIMM = [
@@ -44,6 +63,10 @@ _LISTED_TIMM = [
     "vit_base_patch32_224", "vit_base_patch32_384", "vit_base_patch16_224", "vit_base_patch16_384",
     "vit_base_patch8_224", "vit_large_patch32_224", "vit_large_patch32_384",
     "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch14_224", "vit_huge_patch14_224",
+    "deit3_small_patch16_224", "deit3_base_patch16_224", "vit_small_patch14_dinov2", "vit_base_patch14_dinov2",
+    "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_base_patch16_clip_224",
+    "vit_base_patch16_clip_quickgelu_224", "vit_large_patch14_clip_224", "vit_giant_patch14_dinov2",
+    "vit_base_patch16_siglip_224",
 ]
 
 _PAPER_NAME = re.compile(r"^(?P<size>Ti|S|M|B|L|H)/(?P<patch>\d+)(?:@(?P<res>\d+))?$")
@@ -67,17 +90,24 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     class_token: bool = True
-    global_pool: str = "token"  # "token": the class token feeds the head; "avg": mean of patch tokens
+    global_pool: str = "token"  # "token": the class token feeds the head; "avg": mean of patch tokens;
+    # "map": attention pooling of the patch tokens by a learned query (attn_pool; SigLIP)
     pos_embed: str = "learn"  # "learn": learned (the paper); "sincos": fixed 2-D sine-cosine
     drop_rate: float = 0.0  # the paper's dropout: after the position embedding, attention proj, MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly with depth to this value
     patch_drop_rate: float = 0.0  # training only: this fraction of patch tokens dropped at random
     layer_norm_eps: float = 1e-6
-    gelu: str = "exact"  # "exact" (erf, PyTorch/timm) or "tanh" (JAX checkpoints were trained so)
+    gelu: str = "exact"  # "exact" (erf, PyTorch/timm), "tanh" (JAX checkpoints) or "quick" (OpenAI CLIP)
     stem: str = "patch"  # "patch": the paper's strided conv; "shifted": shifted patch tokens; "conv": the hybrid
     locality_attention: bool = False  # learned softmax temperature, no token attends to itself (Attention)
     stem_depth: int = 1  # conv stem only: >1 adds stem_depth-1 stride-1 convs per resolution (ConvStem)
+    init_values: float | None = None  # layer scale (ls1, ls2) starting at this value; None: none (DeiT III, DINOv2)
+    reg_tokens: int = 0  # register tokens after the class token (DINOv2 with registers)
+    no_embed_class: bool = False  # position embeddings for the patches only, prefix tokens get none (timm's name)
+    pre_norm: bool = False  # a LayerNorm before the blocks (norm_pre), patch projection without bias (CLIP)
+    qk_norm: bool = False  # LayerNorms over each head's queries and keys (q_norm, k_norm in the attention)
+    mlp_layer: str = "mlp"  # "mlp": Linear-GELU-Linear; "swiglu_packed": the gated MLP of DINOv2 giant
     name: str = field(default="", compare=False)  # the variant it was decoded from, for display
 
     def __post_init__(self) -> None:
@@ -103,9 +133,13 @@ class ViTConfig:
             )
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio}: must be > 0")
-        _check_choice("global_pool", self.global_pool, ("token", "avg"))
+        _check_choice("global_pool", self.global_pool, ("token", "avg", "map"))
+        _check_choice("mlp_layer", self.mlp_layer, ("mlp", "swiglu_packed"))
+        if self.mlp_layer == "swiglu_packed" and self.mlp_dim % 2:
+            raise ValueError(f"mlp_layer='swiglu_packed' splits the hidden layer in two halves, but "
+                             f"embed_dim * mlp_ratio = {self.mlp_dim} is odd; choose an mlp_ratio that makes it even")
         _check_choice("pos_embed", self.pos_embed, ("learn", "sincos"))
-        _check_choice("gelu", self.gelu, ("exact", "tanh"))
+        _check_choice("gelu", self.gelu, ("exact", "tanh", "quick"))
         _check_choice("stem", self.stem, ("patch", "shifted", "conv"))
         _check_positive_int("stem_depth", self.stem_depth)
         if self.stem_depth != 1 and self.stem != "conv":
@@ -123,6 +157,11 @@ class ViTConfig:
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{key}={value}: must be in [0, 1)")
+        if self.init_values is not None and not self.init_values > 0:
+            raise ValueError(f"init_values={self.init_values!r}: layer scale starts at a value > 0 (timm's "
+                             "DeiT III uses 1e-6, DINOv2 1e-5); None builds no layer scale")
+        if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens={self.reg_tokens!r}: must be an integer >= 0 (DINOv2 uses 4)")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps}: must be > 0")
 
@@ -137,7 +176,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def pos_prefix_tokens(self) -> int:
+        """Prefix tokens that have a slot in pos_embed: none under no_embed_class."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +197,14 @@ class ViTConfig:
         "name=value" strings: a model with any of them has no twin there to load into or time against."""
         return ([f"stem={self.stem!r}"] if self.stem != "patch" else []) + (
             ["locality_attention=True"] if self.locality_attention else [])
+
+    def parts_hf_lacks(self) -> list[str]:
+        """parts_timm_lacks, plus the parts of timm's families that Hugging Face's ViTModel has no place for."""
+        plain = ViTConfig()
+        keys = ("init_values", "reg_tokens", "no_embed_class", "pre_norm", "qk_norm", "mlp_layer")
+        parts = [f"{k}={getattr(self, k)!r}" for k in keys if getattr(self, k) != getattr(plain, k)]
+        parts += ["global_pool='map'"] if self.global_pool == "map" else []
+        return self.parts_timm_lacks() + parts + (["gelu='quick'"] if self.gelu == "quick" else [])
 
     def replace(self, **overrides: Any) -> ViTConfig:
         """A copy with some fields changed (validated again)."""
@@ -197,6 +250,11 @@ def list_models() -> list[str]:
 def get_config(name: str, **overrides: Any) -> ViTConfig:
     """Decode a variant name ("S/16", "B/16@384", "vit_base_patch16_384", "cifar-tiny") into a config.
 
+    timm's names of the families in FAMILIES decode too: "deit3_small_patch16_224" (layer scale, no class
+    position), "vit_small_patch14_dinov2" and "..._reg4_dinov2" (registers; "vit_giant_patch14_dinov2" with
+    the packed SwiGLU MLP), "vit_base_patch16_clip_224" and "..._clip_quickgelu_224" (norm before the
+    blocks), "vit_base_patch16_siglip_224" (attention pooling).
+
     ``overrides`` take timm's keyword names (``num_classes``, ``img_size``, ``depth``...), so
     ``get_config("S/16", img_size=384, num_classes=10)`` is a fine-tuning shape.
     """
@@ -208,6 +266,11 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
     elif m := _TIMM_NAME.match(name):
         size = TIMM_SIZE_WORDS[m["size"]]
         fields = _size_fields(size) | dict(patch_size=int(m["patch"]), img_size=int(m["res"]))
+    elif m := next((m for pattern in _FAMILY_NAMES if (m := pattern.match(name))), None):
+        size = _GIANT if m["size"] == "giant" else _size_fields(TIMM_SIZE_WORDS[m["size"]])
+        fields = size | dict(patch_size=int(m["patch"])) | FAMILIES[m["family"]]
+        if m.groupdict().get("res"):
+            fields["img_size"] = int(m["res"])
     elif name in SMALL_IMAGE_PRESETS:
         fields = dict(SMALL_IMAGE_PRESETS[name], img_size=32, num_classes=10, mlp_ratio=4.0)
     else:

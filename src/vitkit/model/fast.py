@@ -13,10 +13,10 @@ every part runs the reference's ops but the last block (below). On the CPU (deci
 - Training on short sequences (up to ``EXPLICIT_ATTENTION_MAX_TOKENS``): attention as explicit matrix
   products, head by head in fp32, batched over heads under bf16 autocast: the flash kernel's CPU
   backward is slow for short sequences.
-- On any device, with the class token pooled (global_pool="token"), the last block computes the class
-  token alone: its other outputs feed nothing, so the logits are the same for about 1/depth less work. It falls
-  back to the whole block when the model checkpoints gradients or a forward hook could see the
-  difference (one on the blocks, the last block or anything in it, or the final norm).
+- On any device, with the class token pooled (global_pool="token") and no register tokens, the last block
+  computes the class token alone: its other outputs feed nothing, so the logits are the same for about
+  1/depth less work. It falls back to the whole block when the model checkpoints gradients or a forward
+  hook could see the difference (one on the blocks, the last block or anything in it, or the final norm).
 
 Each speed-up was measured faster on several CPUs and machine-dependent where a probe decides; see
 docs/experiments.md.
@@ -222,6 +222,7 @@ class FastAttention(Attention):
         if chosen.attention == "head_by_head":
             return self.proj_drop(self.proj(self._attend_head_by_head(*projections)))
         q, k, v = (heads for p in projections for heads in self._heads(p))
+        q, k = self._norm_qk(q, k)
         if chosen.attention == "batched":
             return self._merge(self.attn_drop(self._weights(q, k)) @ v)
         return self._merge(self._attend(q, k, v))
@@ -242,7 +243,8 @@ class FastAttention(Attention):
         Returns (B, tokens, dim), the heads side by side."""
         heads = [h for p in projections for h in p.unflatten(-1, (-1, self.head_dim)).unbind(2)]
         H = self.num_heads
-        out = [self.attn_drop(self._weights(q, k)) @ v for q, k, v in zip(heads[:H], heads[H : 2 * H], heads[2 * H :])]
+        qk = [self._norm_qk(q, k) for q, k in zip(heads[:H], heads[H : 2 * H])]
+        out = [self.attn_drop(self._weights(q, k)) @ v for (q, k), v in zip(qk, heads[2 * H :])]
         return torch.cat(out, dim=-1)
 
 
@@ -252,8 +254,8 @@ class FastBlock(Block):
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         if num_queries is None:
             return super().forward(x)
-        x = x[:, :num_queries] + self.drop_path1(self.attn(self.norm1(x), num_queries))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x[:, :num_queries] + self.drop_path1(self.ls1(self.attn(self.norm1(x), num_queries)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class FastVisionTransformer(VisionTransformer):

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.model.config import ViTConfig
+from vitkit.model.layers import AttentionPoolLatent, LayerScale, PackedSwiGLU, gelu_layer, layer_scale, prefix_tokens
 from vitkit.model.pos_embed import resample_pos_embed, sincos_pos_embed_2d
 from vitkit.model.stems import ConvStem, ShiftedPatches
 
@@ -40,7 +41,7 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch",
-                 stem_depth: int = 1) -> None:
+                 stem_depth: int = 1, bias: bool = True) -> None:
         super().__init__()
         self.img_size = img_size
         self.strict_img_size = True  # timm's name; False (VisionTransformer.dynamic_img_size) takes other sizes
@@ -54,7 +55,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Linear(self.backbone.out_features, embed_dim)
         else:
             self.backbone = None
-            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.strict_img_size and x.ndim == 4 and x.shape[1] == self.in_chans:
@@ -80,10 +81,12 @@ class Attention(nn.Module):
     locality=True is Lee, Lee and Song's (2021) locality self-attention for small datasets: the
     softmax temperature is learned (``scale``, a parameter starting at 1/sqrt(head_dim)) and no token
     attends to itself, so the weights sharpen onto the other tokens instead of staying flat.
+    qk_norm=True puts a LayerNorm over each head's queries and keys (``q_norm``, ``k_norm``), which keeps
+    the attention logits bounded in large or long-trained models; else those are Identity.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float,
-                 locality: bool = False) -> None:
+                 locality: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -92,23 +95,30 @@ class Attention(nn.Module):
         if locality:
             self.scale = nn.Parameter(torch.tensor(self.head_dim**-0.5))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qk_norm = qk_norm
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.qkv(x))
-        return self._merge(self._attend(q, k, v))
+        return self._merge(self._attend(*self._norm_qk(q, k), v))
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same function computed explicitly, also returning the (B, heads, N, N) weights."""
         q, k, v = self._heads(self.qkv(x))
-        attn = self._weights(q, k)
+        attn = self._weights(*self._norm_qk(q, k))
         return self._merge(self.attn_drop(attn) @ v), attn
 
     def _heads(self, projections: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, tokens, parts * dim) -> parts tensors (B, heads, tokens, head_dim): q, k, v of qkv's output."""
         return projections.unflatten(-1, (-1, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k through q_norm and k_norm (over head_dim) under qk_norm, else as they are."""
+        return (self.q_norm(q), self.k_norm(k)) if self.qk_norm else (q, k)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T * scale) v by the fused kernel, which never stores the N x N weights."""
@@ -138,12 +148,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The block's two-layer perceptron: Linear -> GELU -> Linear, with the paper's dropout."""
+    """The block's two-layer perceptron: Linear -> GELU -> Linear, with the paper's dropout.
+    gelu: "exact", "tanh" or "quick" (see vitkit.model.layers.gelu_layer)."""
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str, drop: float) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.act = gelu_layer(gelu)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
@@ -171,27 +182,31 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x))."""
+    """A pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x)); with cfg.init_values each
+    branch is scaled by a learned per-channel LayerScale (ls1, ls2), else those are Identity."""
 
     def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate,
-                              cfg.locality_attention)
+                              cfg.locality_attention, cfg.qk_norm, cfg.layer_norm_eps)
+        self.ls1 = layer_scale(dim, cfg.init_values)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.mlp = Mlp(dim, cfg.mlp_dim, cfg.gelu, cfg.drop_rate)
+        self.mlp = (PackedSwiGLU(dim, cfg.mlp_dim, cfg.drop_rate) if cfg.mlp_layer == "swiglu_packed"
+                    else Mlp(dim, cfg.mlp_dim, cfg.gelu, cfg.drop_rate))
+        self.ls2 = layer_scale(dim, cfg.init_values)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, attn = self.attn.forward_with_attention(self.norm1(x))
-        x = x + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(self.norm2(x))), attn
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), attn
 
 
 class VisionTransformer(nn.Module):
@@ -208,17 +223,23 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False  # see set_grad_checkpointing
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.stem,
-                                      cfg.stem_depth)
+                                      cfg.stem_depth, bias=not cfg.pre_norm)  # timm: no bias before norm_pre
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
-        num_pos = cfg.num_patches + cfg.num_prefix_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, cfg.embed_dim)) if cfg.reg_tokens else None
+        num_pos = cfg.num_patches + cfg.pos_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, cfg.embed_dim), requires_grad=cfg.pos_embed == "learn")
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.norm_pre = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.Sequential(*[Block(cfg, rate) for rate in rates])
         # timm's convention: with average pooling the norm moves after the pooling (fc_norm).
         use_fc_norm = cfg.global_pool == "avg"
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps) if use_fc_norm else nn.Identity()
+        self.attn_pool = None  # global_pool="map": a learned query pools the patch tokens
+        if cfg.global_pool == "map":
+            pool_mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, cfg.gelu, 0.0)
+            self.attn_pool = AttentionPoolLatent(cfg.embed_dim, cfg.num_heads, pool_mlp, cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if self.pos_embed.device.type != "meta":
             self.init_weights()
@@ -234,17 +255,18 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d)):
+            elif isinstance(module, (nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d, LayerScale, AttentionPoolLatent)):
                 module.reset_parameters()  # batch norm: its running statistics too
             elif isinstance(module, Attention) and isinstance(module.scale, nn.Parameter):
                 module.scale.fill_(module.head_dim**-0.5)
         if self.config.pos_embed == "sincos":
             grid = sincos_pos_embed_2d(self.config.grid_size, self.embed_dim)
-            self.pos_embed.copy_(F.pad(grid, (0, 0, self.num_prefix_tokens, 0))[None])
+            self.pos_embed.copy_(F.pad(grid, (0, 0, self.config.pos_prefix_tokens, 0))[None])
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -265,9 +287,12 @@ class VisionTransformer(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         grid = x.shape[-1] // self.config.patch_size
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self._pos_embed_for(grid))
+        prefix = prefix_tokens(x.shape[0], self.cls_token, self.reg_token)
+        if self.config.no_embed_class:  # the prefix tokens get no position
+            x = torch.cat([*prefix, x + self._pos_embed_for(grid)], dim=1)
+        else:
+            x = (torch.cat([*prefix, x], dim=1) if prefix else x) + self._pos_embed_for(grid)
+        return self.norm_pre(self.pos_drop(x))  # a per-token norm: the same before or after dropping patches
 
     def _pos_embed_for(self, grid: int) -> torch.Tensor:
         """The position embeddings of a grid x grid patch layout: the model's own, or at another
@@ -276,8 +301,8 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         if self.config.pos_embed == "sincos":
             fixed = sincos_pos_embed_2d(grid, self.embed_dim).to(self.pos_embed)
-            return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], fixed[None]], dim=1)
-        return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
+            return torch.cat([self.pos_embed[:, : self.config.pos_prefix_tokens], fixed[None]], dim=1)
+        return resample_pos_embed(self.pos_embed, grid, self.config.pos_prefix_tokens)
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Training with patch_drop_rate: each image keeps a random subset of its patch tokens.
@@ -309,7 +334,10 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (or the pooled, normalised features with pre_logits=True)."""
-        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        if self.attn_pool is not None:
+            x = self.attn_pool(x[:, self.num_prefix_tokens :])
+        else:
+            x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
@@ -405,4 +433,4 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should spare (timm's method), besides norms and biases."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}

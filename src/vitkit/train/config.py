@@ -70,7 +70,8 @@ class TrainConfig:
                                  choices=("vit", "imagenet", "cifar10"))
     num_workers: int = setting(0, "data", "decoding workers for folders streamed from disk", kind="non_negative_int")
 
-    model: str = setting("cifar-tiny", "model", "variant: S/16, B/16@384, vit_tiny_patch16_224, cifar-tiny ...")
+    model: str | None = setting(None, "model", "variant: S/16, B/16@384, vit_tiny_patch16_224, cifar-tiny ...; "
+                                "default: the --init weights' own architecture, else cifar-tiny")
     img_size: int | None = setting(None, "model", "input side; default: the data's stored size for presets, "
                                    "else the model's", kind="positive_int")
     patch_size: int | None = setting(None, "model", "patch side in pixels", kind="positive_int")

@@ -82,7 +82,7 @@ def parameter_groups(model: VisionTransformer, weight_decay: float, layer_decay:
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name in skip
-        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+        if name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")):  # before the blocks
             layer = 0
         elif name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 
 from vitkit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, load_splits
 from vitkit.fileio import atomic_write_text, remove_stale_temporaries
-from vitkit.model import VisionTransformer, get_config
+from vitkit.model import VisionTransformer, ViTConfig, get_config
 from vitkit.model.fast import optimize
 from vitkit.train.callbacks import (
     AtomicCheckpointIO,
@@ -39,7 +39,7 @@ from vitkit.train.distill import CACHE_FILE_NAME, load_teacher
 from vitkit.train.loader import EvalBatches, TrainBatches
 from vitkit.train.module import ViTClassifier
 from vitkit.train.precision import resolve_precision
-from vitkit.weights import load_weights, read_training_checkpoint, save_vitkit
+from vitkit.weights import config_from_weights, load_weights, read_training_checkpoint, save_vitkit
 
 log = logging.getLogger("vitkit")
 
@@ -83,15 +83,25 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     return overrides
 
 
+DEFAULT_MODEL = "cifar-tiny"
+
+
+def model_config(cfg: TrainConfig, **overrides: Any) -> ViTConfig:
+    """The config of the model the run trains: the variant cfg.model names, or without one the --init
+    weights' own architecture (a pretrained name or file), else DEFAULT_MODEL; overrides on top."""
+    if cfg.model is None and cfg.init:
+        return config_from_weights(cfg.init, trust_checkpoint=cfg.trust_checkpoint, **overrides)
+    return get_config(cfg.model or DEFAULT_MODEL, **overrides)
+
+
 def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
     """The model the config names, sized for the data; pretrained weights loaded if asked."""
-    overrides = model_overrides(cfg) | {"num_classes": num_classes}
-    base = get_config(cfg.model, **overrides)
+    config = model_config(cfg, **model_overrides(cfg), num_classes=num_classes)
     if cfg.img_size is not None:
-        overrides["img_size"] = cfg.img_size
-    elif cfg.init is None and base.img_size == 32:  # small-image presets follow the data's size
-        overrides["img_size"] = data_size
-    model = VisionTransformer(get_config(cfg.model, **overrides))
+        config = config.replace(img_size=cfg.img_size)
+    elif cfg.init is None and config.img_size == 32:  # small-image presets follow the data's size
+        config = config.replace(img_size=data_size)
+    model = VisionTransformer(config)
     if cfg.init:
         report = load_weights(model, cfg.init, resample_patch=cfg.resample_patch,
                               trust_checkpoint=cfg.trust_checkpoint)
@@ -174,7 +184,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
 
     # Images are stored at their own size (32x32 CIFAR stays small; the model input is resized on
     # the device); only large images are decoded down to the model's resolution once.
-    model_size = cfg.img_size or get_config(cfg.model, **model_overrides(cfg)).img_size
+    model_size = cfg.img_size or model_config(cfg, **model_overrides(cfg)).img_size
     splits = load_splits(cfg.data, image_size=model_size,
                          val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
                          download=cfg.download)

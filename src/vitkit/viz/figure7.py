@@ -68,7 +68,7 @@ def position_embedding_similarity(model: nn.Module) -> Tensor:
     each patch's. Prefix tokens (the class token) are left out: they have no position.
     """
     cfg = model.config
-    pos = model.pos_embed.detach()[0, cfg.num_prefix_tokens :].cpu()
+    pos = model.pos_embed.detach()[0, cfg.pos_prefix_tokens :].cpu()  # no_embed_class: no prefix slots
     return _cosine_similarity_grid(pos, cfg.grid_size)
 
 

@@ -6,13 +6,14 @@ checks every key and shape before copying, so a failed load leaves the model unt
 
 Layers: ``io`` (files, safety), ``checkpoint`` (the "vitkit" section of a training checkpoint),
 ``formats`` (key maps), ``load`` (configs, loading, vitkit's own format), ``resample`` (patch kernels),
-``export``. Depends on ``vitkit.model`` only.
+``export``, ``hub`` (pretrained names, fetched with huggingface_hub). Depends on ``vitkit.model`` only.
 """
 
 from vitkit.weights.checkpoint import TrainingCheckpoint, read_training_checkpoint, training_checkpoint
 from vitkit.weights.errors import UnsafeCheckpointError, WeightsError
 from vitkit.weights.export import EXPORT_FORMATS, convert, export, timm_name_for
 from vitkit.weights.formats import FORMATS
+from vitkit.weights.hub import download, list_pretrained
 from vitkit.weights.io import read_checkpoint
 from vitkit.weights.load import (
     config_from_weights,
@@ -34,7 +35,9 @@ __all__ = [
     "config_from_weights",
     "convert",
     "detect_format",
+    "download",
     "export",
+    "list_pretrained",
     "load_model",
     "load_vitkit",
     "load_weights",

@@ -34,7 +34,8 @@ _ONNX_INLINE_LIMIT = 1_800_000_000
 _TIMM_SIZE_WORDS = {"Ti": "tiny", "S": "small", "M": "medium", "B": "base", "L": "large", "H": "huge"}
 # The ViTConfig fields timm's VisionTransformer takes as keyword arguments under the same name.
 _TIMM_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                "mlp_ratio", "qkv_bias", "class_token", "global_pool")
+                "mlp_ratio", "qkv_bias", "class_token", "global_pool", "init_values", "reg_tokens", "no_embed_class",
+                "pre_norm", "qk_norm")  # ViTConfig's names for these are timm's keyword names
 
 
 def export(
@@ -150,9 +151,8 @@ def _timm_kwargs(cfg: ViTConfig, timm_name: str, dst: Path) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in _TIMM_KWARGS if getattr(cfg, k) != getattr(base, k)}
 
 
-def _check_expressible(cfg: ViTConfig, dst: Path, tool: str) -> None:
-    """timm's and Hugging Face's ViTs have the paper's parts only: a file naming others would not load."""
-    extras = cfg.parts_timm_lacks()
+def _check_expressible(extras: list[str], dst: Path, tool: str) -> None:
+    """A model with parts the tool's ViT lacks (``extras``) would be written to a file it cannot load."""
     if extras:
         raise WeightsError(f"{dst}: {tool}'s ViT has no {' or '.join(extras)}, so it could not load this model; "
                            "export to vitkit or onnx instead")
@@ -160,7 +160,7 @@ def _check_expressible(cfg: ViTConfig, dst: Path, tool: str) -> None:
 
 def _export_timm(model: VisionTransformer, dst: Path, timm_name: str | None) -> Path:
     cfg = model.config
-    _check_expressible(cfg, dst, "timm")
+    _check_expressible(cfg.parts_timm_lacks(), dst, "timm")
     tensors = _state_dict(model)
     timm_name = timm_name or timm_name_for(cfg)
     kwargs = _timm_kwargs(cfg, timm_name, dst) if timm_name else {}
@@ -221,7 +221,7 @@ def hf_config(cfg: ViTConfig, classes: Sequence[str] | None) -> dict[str, Any]:
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.mlp_dim,
-        "hidden_act": "gelu" if cfg.gelu == "exact" else "gelu_pytorch_tanh",
+        "hidden_act": {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gelu"}[cfg.gelu],
         "hidden_dropout_prob": cfg.drop_rate,
         "attention_probs_dropout_prob": cfg.attn_drop_rate,
         "initializer_range": 0.02,
@@ -276,7 +276,7 @@ def _export_hf(
     from safetensors.torch import save_file
 
     cfg = model.config
-    _check_expressible(cfg, dst, "Hugging Face")
+    _check_expressible(cfg.parts_hf_lacks(), dst, "Hugging Face")
     if not cfg.class_token or cfg.global_pool != "token":
         raise WeightsError(
             f"{dst}: Hugging Face's ViT classifies from the class token; this model uses global_pool="

@@ -37,9 +37,11 @@ __all__ = [
     "FORMATS",
     "detect_format",
     "detect_from_keys",
+    "fit_pos_slots",
     "hf_to_vitkit",
     "normalize_pos_embed",
     "npz_to_vitkit",
+    "pos_embed_slots",
     "select_model_keys",
     "unwrap_checkpoint",
     "vitkit_to_hf",
@@ -294,7 +296,8 @@ def npz_to_vitkit(
     if has("conv_root/kernel") or any(k.startswith(prefix + "block1/") for k in arrays):
         raise WeightsError(f"{label}: a hybrid ResNet+ViT checkpoint (conv_root/...); vitkit's ViT has no ResNet stem")
     if any(k.startswith(prefix + "MAPHead_0/") for k in arrays):
-        raise WeightsError(f"{label}: a MAP-head (attention pooling) ViT; vitkit supports class-token pooling only")
+        raise WeightsError(f"{label}: a MAP-head (attention pooling) ViT in .npz form, which vitkit does not map; "
+                           "load timm's conversion of it (e.g. vit_base_patch16_siglip_224) instead")
 
     sd: dict[str, torch.Tensor] = {}
     kernel = take("embedding/kernel")
@@ -412,6 +415,35 @@ def normalize_pos_embed(sd: dict[str, torch.Tensor], label: str) -> None:
     raise WeightsError(
         f"{label}: pos_embed holds {n} positions, neither a square grid nor a square grid plus a class slot"
     )
+
+
+def pos_embed_slots(length: int, num_prefix_tokens: int) -> int | None:
+    """How many of a pos_embed table's ``length`` rows are prefix-token slots: num_prefix_tokens when the
+    rest is a square grid (timm's default layout), 0 when the whole table is (timm's ``no_embed_class``:
+    DeiT III, DINOv2 with registers), None when neither."""
+    if num_prefix_tokens and _is_square(length - num_prefix_tokens):
+        return num_prefix_tokens
+    return 0 if _is_square(length) else None
+
+
+def fit_pos_slots(pos: torch.Tensor, num_prefix_tokens: int, slots: int, label: str) -> torch.Tensor:
+    """pos_embed with ``slots`` prefix slots (a model's ``pos_prefix_tokens``), from a table with or without them.
+
+    Adding zero slots is exact: a prefix token without a position gets zero. Removing slots is exact only
+    when they are zero; learned ones cannot be dropped.
+    """
+    have = pos_embed_slots(pos.shape[1], num_prefix_tokens) if pos.ndim == 3 else None
+    if have is None or have == slots:
+        return pos  # not a table this can read: the shape check reports it
+    if have == 0:
+        log.info("%s: position embeddings have no prefix slots; %d zero slots added (equivalent)", label, slots)
+        return torch.cat([pos.new_zeros(1, slots, pos.shape[2]), pos], dim=1)
+    if torch.count_nonzero(pos[:, :have]):
+        raise WeightsError(
+            f"{label}: pos_embed has learned positions for its {have} prefix tokens, which a model with "
+            "no_embed_class=True has no place for; build the model with no_embed_class=False"
+        )
+    return pos[:, have:]
 
 
 def _is_square(n: int) -> bool:

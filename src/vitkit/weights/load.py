@@ -80,6 +80,10 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
     elif isinstance(source, str | os.PathLike):
         path = Path(source)
         label = str(path)
+        if isinstance(source, str) and not path.exists():  # a pretrained name: its folder in the hub cache
+            from vitkit.weights.hub import resolve_path
+
+            path = resolve_path(source, trust_checkpoint=trust_checkpoint)
         if path.is_dir():
             hints.update(_directory_hints(path))
             raw = {}
@@ -107,7 +111,8 @@ def _resolve(source: Source | _Source, trust_checkpoint: bool = False) -> _Sourc
     else:
         sd, npz_hints = formats.npz_to_vitkit(tensors, fmt, label)
         hints = npz_hints | hints
-    formats.normalize_pos_embed(sd, label)
+    if fmt != "timm":  # timm's two layouts (with and without prefix slots) are fitted to the model in _prepare
+        formats.normalize_pos_embed(sd, label)
     # A shifted-patch stem's projection is a matrix; its config (a vitkit file's) says so.
     shifted = isinstance(hints.get("config"), dict) and hints["config"].get("stem") == "shifted"
     if "patch_embed.proj.weight" not in sd or sd["patch_embed.proj.weight"].ndim != (2 if shifted else 4):
@@ -213,7 +218,9 @@ def read_state_dict(source: Source, *, trust_checkpoint: bool = False) -> dict[s
     """Any supported weights source as a state dict with vitkit (= timm) key names.
 
     ``source``: a file (.safetensors, .pt/.pth/.bin/.ckpt, .npz), a model directory (Hugging Face
-    or timm hub layout; safetensors wins over .bin), or an in-memory state dict. Training
+    or timm hub layout; safetensors wins over .bin), a pretrained name (``vit_base_patch16_224.augreg_in21k``,
+    ``google/vit-base-patch16-224``: downloaded to the Hugging Face cache, :mod:`vitkit.weights.hub`),
+    or an in-memory state dict. Training
     checkpoints are unwrapped (``state_dict``, ``model``...) and wrapper prefixes stripped
     (``module.``, ``_orig_mod.``, ``model.``); tensors of other submodules (``ema_model.*``,
     ``criterion.*``) are dropped. Position embeddings always include the class slot.
@@ -237,13 +244,16 @@ def config_from_weights(
     """The ViTConfig that the weights were trained with, so ``create_model(config)`` fits them exactly.
 
     Shapes give width, depth, MLP ratio, patch size, channels, grid (hence img_size), class count,
-    qkv bias, class token and pooling (``fc_norm`` present -> 'avg'). What shapes cannot give:
+    qkv bias, class token and pooling (``fc_norm`` present -> 'avg', ``attn_pool`` -> 'map'), and the parts of
+    timm's families from their keys: layer scale, register tokens, position embeddings without prefix slots
+    (no_embed_class), norm_pre, qk-norm, a packed SwiGLU MLP. What shapes cannot give:
 
     * heads: from the Hugging Face config or the .npz attention kernels (exact); else from ``name``
       (e.g. "vit_small_patch16_224") when given; else the paper's table for this width and depth;
       else ``embed_dim // 64`` (the head width of every ViT in the paper but H).
     * GELU and LayerNorm eps: .npz -> tanh and 1e-6 (Flax defaults), Hugging Face -> its config,
-      otherwise timm's exact GELU and 1e-6.
+      otherwise the named model's (CLIP: 1e-5, QuickGELU for ``..._clip_quickgelu_...``), else timm's
+      exact GELU and 1e-6. Layer scale's starting value (overwritten by the weights): the named model's or 1e-5.
     * timm models with ``global_pool='avg'`` but ``fc_norm=False`` look like class-token models;
       pass ``global_pool`` as an override if you have one.
 
@@ -289,12 +299,17 @@ def _config_from_source(src: _Source, name: str | None, overrides: dict[str, Any
     if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
         raise WeightsError(f"{label}: no transformer blocks found (keys: {preview(sd)})")
     class_token = "cls_token" in sd
-    prefix = int(class_token)
+    reg_tokens = int(sd["reg_token"].shape[1]) if "reg_token" in sd and sd["reg_token"].ndim == 3 else 0
+    prefix = int(class_token) + reg_tokens
     if "pos_embed" not in sd:
         raise WeightsError(f"{label}: no position embeddings (pos_embed) among the keys ({preview(sd)})")
-    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix)
-    if grid * grid != sd["pos_embed"].shape[1] - prefix:
-        raise WeightsError(f"{label}: pos_embed shape {tuple(sd['pos_embed'].shape)} is not a square grid")
+    slots = formats.pos_embed_slots(sd["pos_embed"].shape[1], prefix)
+    if slots is None:
+        raise WeightsError(f"{label}: pos_embed shape {tuple(sd['pos_embed'].shape)} is not a square grid, "
+                           f"with or without slots for its {prefix} prefix tokens")
+    grid = math.isqrt(sd["pos_embed"].shape[1] - slots)
+    name = name or hints.get("name")
+    named = _named_config(name)
     fields: dict[str, Any] = dict(
         img_size=grid * int(patch_h),
         patch_size=int(patch_h),
@@ -305,11 +320,23 @@ def _config_from_source(src: _Source, name: str | None, overrides: dict[str, Any
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         class_token=class_token,
-        global_pool="avg" if "fc_norm.weight" in sd or not class_token else "token",
-        layer_norm_eps=float(hints.get("layer_norm_eps", 1e-6)),
-        gelu=hints.get("gelu", "exact"),
+        global_pool=("map" if "attn_pool.latent" in sd
+                     else "avg" if "fc_norm.weight" in sd or not class_token else "token"),
+        layer_norm_eps=float(hints.get("layer_norm_eps", named.layer_norm_eps if named else 1e-6)),
+        gelu=hints.get("gelu", named.gelu if named else "exact"),
+        # Layer scale's starting value is overwritten by the weights: the named model's, else DINOv2's. Only a
+        # scale on both branches of every block is one (a partial one is reported as a part vitkit lacks).
+        init_values=((named.init_values if named else None) or 1e-5) if all(
+            f"blocks.{i}.ls{j}.gamma" in sd for i in range(depth) for j in (1, 2)) else None,
+        reg_tokens=reg_tokens,
+        no_embed_class=prefix > 0 and slots == 0,
+        pre_norm="norm_pre.weight" in sd,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        # A packed SwiGLU's fc2 takes half of fc1's outputs (value and gate), a plain MLP's all of them.
+        mlp_layer=("swiglu_packed" if "blocks.0.mlp.fc2.weight" in sd
+                   and 2 * sd["blocks.0.mlp.fc2.weight"].shape[-1] == sd["blocks.0.mlp.fc1.weight"].shape[0]
+                   else "mlp"),
     )
-    name = name or hints.get("name")
     fields["num_heads"] = _num_heads(embed_dim, depth, hints, name, label)
     if name:
         fields["name"] = name
@@ -323,6 +350,14 @@ def _config_from_source(src: _Source, name: str | None, overrides: dict[str, Any
         raise WeightsError(f"{label}: the weights imply an invalid config: {e}") from e
     _check_keys_fit(cfg, sd, label)
     return cfg
+
+
+def _named_config(name: str | None) -> ViTConfig | None:
+    """The config a model name decodes to (what shapes cannot say: GELU, eps), None for names vitkit lacks."""
+    try:
+        return get_config(name) if name else None
+    except ValueError:
+        return None  # e.g. a timm hub architecture vitkit has no name for
 
 
 def _num_heads(embed_dim: int, depth: int, hints: dict[str, Any], name: str | None, label: str) -> int:
@@ -354,7 +389,7 @@ def _check_keys_fit(cfg: ViTConfig, sd: Mapping[str, Tensor], label: str) -> Non
     if extra:
         raise WeightsError(
             f"{label}: parameters vitkit's ViT does not have: {preview(extra)}; the weights come from a "
-            "different architecture (layer scale, registers, qk-norm, ...) that vitkit cannot load"
+            "different architecture that vitkit cannot load"
         )
 
 
@@ -474,17 +509,19 @@ def _prepare(
             )
         sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, new)
         report["resampled"].append(f"patch_embed.proj.weight: patch {old} -> {new}")
+    slots = cfg.pos_prefix_tokens
+    sd["pos_embed"] = formats.fit_pos_slots(sd["pos_embed"], model.num_prefix_tokens, slots, label)
     pos, model_pos = sd["pos_embed"], target["pos_embed"]
     if pos.shape != model_pos.shape and pos.shape[-1] == model_pos.shape[-1] and pos.ndim == 3:
-        old_grid = math.isqrt(pos.shape[1] - model.num_prefix_tokens)
+        old_grid = math.isqrt(pos.shape[1] - slots)
         if cfg.pos_embed == "sincos":
             # A fixed function of the grid: computed afresh for the model's grid, class slot kept.
             table = sincos_pos_embed_2d(cfg.grid_size, cfg.embed_dim).to(pos.dtype)[None]
-            sd["pos_embed"] = torch.cat([pos[:, : model.num_prefix_tokens], table], dim=1)
+            sd["pos_embed"] = torch.cat([pos[:, :slots], table], dim=1)
             report["resampled"].append(f"pos_embed: sin-cos table recomputed for grid {cfg.grid_size}")
         else:
             try:
-                sd["pos_embed"] = resample_pos_embed(pos, cfg.grid_size, model.num_prefix_tokens)
+                sd["pos_embed"] = resample_pos_embed(pos, cfg.grid_size, slots)
             except ValueError as e:
                 raise WeightsError(f"{label}: cannot resample pos_embed {tuple(pos.shape)}: {e}") from e
             report["resampled"].append(f"pos_embed: grid {old_grid}x{old_grid} -> {cfg.grid_size}x{cfg.grid_size}")
@@ -524,7 +561,7 @@ def _key_mismatch_message(
         parts.append(f"The checkpoint has {depth} blocks, the model {cfg.depth}.")
     parts.append(
         "Build the model from the weights (vitkit.config_from_weights(path, num_classes=...)) or fix the "
-        "model options (depth, qkv_bias, class_token, global_pool)."
+        "model options (depth, qkv_bias, class_token, global_pool, init_values, reg_tokens, pre_norm, qk_norm)."
     )
     return " ".join(parts)
 
