@@ -423,9 +423,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'name':<24}{'img':>5}{'patch':>6}{'width':>6}{'depth':>6}{'heads':>6}{'tokens':>7}{'params':>10}")
+    width = max(len(r["name"]) for r in rows) + 2
+    print(f"{'name':<{width}}{'img':>5}{'patch':>6}{'width':>6}{'depth':>6}{'heads':>6}{'tokens':>7}{'params':>10}")
     for r in rows:
-        print(f"{r['name']:<24}{r['img_size']:>5}{r['patch_size']:>6}{r['embed_dim']:>6}{r['depth']:>6}"
+        print(f"{r['name']:<{width}}{r['img_size']:>5}{r['patch_size']:>6}{r['embed_dim']:>6}{r['depth']:>6}"
               f"{r['num_heads']:>6}{r['tokens']:>7}{r['params_m']:>9.2f}M")
     print("Any size/patch/resolution combination also works: Ti|S|M|B|L|H/<patch>[@<img_size>].")
     return 0
@@ -441,10 +442,10 @@ def _list_pretrained(pattern: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows))
         return 0
-    width = max(len(r["name"]) for r in rows) + 2
-    print(f"{'name':<{width}}{'arch':<7}{'img':>5}  source")
+    width, arch = (max(len(r[key]) for r in rows) + 2 for key in ("name", "architecture"))
+    print(f"{'name':<{width}}{'arch':<{arch}}{'img':>5}  source")
     for r in rows:
-        print(f"{r['name']:<{width}}{r['architecture']:<7}{r['img_size']:>5}  {r['source']}")
+        print(f"{r['name']:<{width}}{r['architecture']:<{arch}}{r['img_size']:>5}  {r['source']}")
     print("Also any timm ViT name, owner/repo or hf-hub:owner/repo on the Hugging Face Hub; `vitkit download NAME` "
           "fetches one for offline use.")
     return 0
