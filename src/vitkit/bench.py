@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from vitkit.model import VisionTransformer, get_config
+from vitkit.model.config import TIMM_FAMILY_KWARGS
 from vitkit.model.fast import ONEDNN_LINEAR, cpu_inference_projections, optimize
 
 BENCH_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as `vitkit train --precision` takes them
@@ -110,8 +111,7 @@ def timm_twin(model: VisionTransformer) -> nn.Module:
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
                    global_pool=cfg.global_pool, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
                    attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
-                   patch_drop_rate=cfg.patch_drop_rate, init_values=cfg.init_values, reg_tokens=cfg.reg_tokens,
-                   no_embed_class=cfg.no_embed_class, pre_norm=cfg.pre_norm, qk_norm=cfg.qk_norm)
+                   patch_drop_rate=cfg.patch_drop_rate, **{k: getattr(cfg, k) for k in TIMM_FAMILY_KWARGS})
     twin.load_state_dict(model.state_dict())
     return twin
 

@@ -46,6 +46,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "clip_quickgelu": dict(pre_norm=True, layer_norm_eps=1e-5, gelu="quick"),
     "siglip": dict(class_token=False, global_pool="map", num_classes=0),
 }
+# The ViTConfig fields of those parts that are also timm's VisionTransformer keyword names, so they pass to
+# timm as they are (export, bench's timm twin); Hugging Face's ViTModel has none of them (parts_hf_lacks).
+TIMM_FAMILY_KWARGS = ("init_values", "reg_tokens", "no_embed_class", "pre_norm", "qk_norm")
 # DINOv2's giant model: a size of its own, with the gated MLP (timm's hidden width 2 * 4096).
 _GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed")
 _FAMILY_NAMES = [
@@ -201,7 +204,7 @@ class ViTConfig:
     def parts_hf_lacks(self) -> list[str]:
         """parts_timm_lacks, plus the parts of timm's families that Hugging Face's ViTModel has no place for."""
         plain = ViTConfig()
-        keys = ("init_values", "reg_tokens", "no_embed_class", "pre_norm", "qk_norm", "mlp_layer")
+        keys = (*TIMM_FAMILY_KWARGS, "mlp_layer")
         parts = [f"{k}={getattr(self, k)!r}" for k in keys if getattr(self, k) != getattr(plain, k)]
         parts += ["global_pool='map'"] if self.global_pool == "map" else []
         return self.parts_timm_lacks() + parts + (["gelu='quick'"] if self.gelu == "quick" else [])

@@ -19,6 +19,7 @@ import torch
 
 from vitkit.fileio import atomic_path
 from vitkit.model import SIZES, VisionTransformer, ViTConfig, get_config
+from vitkit.model.config import TIMM_FAMILY_KWARGS
 from vitkit.weights.errors import WeightsError, preview
 from vitkit.weights.formats import vitkit_to_hf
 from vitkit.weights.load import LOADER_INTERPOLATION, PIL_FILTERS, Source, load_model, save_vitkit
@@ -34,8 +35,7 @@ _ONNX_INLINE_LIMIT = 1_800_000_000
 _TIMM_SIZE_WORDS = {"Ti": "tiny", "S": "small", "M": "medium", "B": "base", "L": "large", "H": "huge"}
 # The ViTConfig fields timm's VisionTransformer takes as keyword arguments under the same name.
 _TIMM_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                "mlp_ratio", "qkv_bias", "class_token", "global_pool", "init_values", "reg_tokens", "no_embed_class",
-                "pre_norm", "qk_norm")  # ViTConfig's names for these are timm's keyword names
+                "mlp_ratio", "qkv_bias", "class_token", "global_pool", *TIMM_FAMILY_KWARGS)
 
 
 def export(
