@@ -94,9 +94,10 @@ def model_config(cfg: TrainConfig, **overrides: Any) -> ViTConfig:
     return get_config(cfg.model or DEFAULT_MODEL, **overrides)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, data_size: int) -> VisionTransformer:
-    """The model the config names, sized for the data; pretrained weights loaded if asked."""
-    config = model_config(cfg, **model_overrides(cfg), num_classes=num_classes)
+def build_model(cfg: TrainConfig, num_classes: int, data_size: int, base: ViTConfig | None = None) -> VisionTransformer:
+    """The model the config names, sized for the data; pretrained weights loaded if asked. ``base``: the
+    run's model_config, where the caller has it (read from the --init weights, it is not read again)."""
+    config = (base or model_config(cfg, **model_overrides(cfg))).replace(num_classes=num_classes)
     if cfg.img_size is not None:
         config = config.replace(img_size=cfg.img_size)
     elif cfg.init is None and config.img_size == 32:  # small-image presets follow the data's size
@@ -184,13 +185,14 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, start_ti
 
     # Images are stored at their own size (32x32 CIFAR stays small; the model input is resized on
     # the device); only large images are decoded down to the model's resolution once.
-    model_size = cfg.img_size or model_config(cfg, **model_overrides(cfg)).img_size
+    base = model_config(cfg, **model_overrides(cfg))
+    model_size = cfg.img_size or base.img_size
     splits = load_splits(cfg.data, image_size=model_size,
                          val_fraction=cfg.val_fraction, seed=cfg.split_seed, skip_bad_images=cfg.skip_bad_images,
                          download=cfg.download)
     classes = list(splits.classes)
     # The fast CPU kernels (the same function as the reference), switched on before the EMA copies the model.
-    model = optimize(build_model(cfg, len(classes), splits.image_size))
+    model = optimize(build_model(cfg, len(classes), splits.image_size, base))
     mean, std = NORMALIZATION[cfg.normalization]
     teacher = load_teacher(cfg.teacher, classes, mean, std) if cfg.teacher else None
     cached = teacher is not None and cfg.distill_cache
